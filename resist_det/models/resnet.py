@@ -1,0 +1,43 @@
+"""torchvision's (post-activation) ResNets with scalable residual branches.
+
+The detector backbone is torchvision's own ``resnet101``: the same class, the same module
+names (``layer3.5.conv2.weight``...), so torchvision checkpoints load unchanged; only the
+blocks are the :mod:`resist_det.models.blocks` subclasses that accept ``residual_scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.models.resnet import ResNet
+
+from .blocks import ScalableBasicBlock, ScalableBottleneck
+from .init import init_network_
+
+__all__ = ["resnet", "TV_DEPTHS"]
+
+TV_DEPTHS = {
+    18: (ScalableBasicBlock, [2, 2, 2, 2]),
+    34: (ScalableBasicBlock, [3, 4, 6, 3]),
+    50: (ScalableBottleneck, [3, 4, 6, 3]),
+    101: (ScalableBottleneck, [3, 4, 23, 3]),
+    152: (ScalableBottleneck, [3, 8, 36, 3]),
+}
+
+
+def resnet(depth: int = 101, *, num_classes: int = 1000, seed: int = 0, device: torch.device | str | None = None) -> ResNet:
+    """torchvision ``ResNet`` of the given depth whose blocks have a ``residual_scale``.
+
+    Initialised per unit from ``seed`` (He-normal convolutions, as torchvision), so any
+    block can be rebuilt alone; ``device="meta"`` gives the structure only.
+    """
+    if depth not in TV_DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(TV_DEPTHS)}, but got {depth}")
+    block, layers = TV_DEPTHS[depth]
+    if device is not None:
+        with torch.device(device):
+            model = ResNet(block, layers, num_classes=num_classes)
+    else:
+        model = ResNet(block, layers, num_classes=num_classes)
+    if not any(p.is_meta for p in model.parameters()):
+        init_network_(model, seed)
+    return model

@@ -1,0 +1,93 @@
+"""Run a test function on N real gloo ranks (CPU processes) with a hard timeout.
+
+``run_on_ranks(fn, world_size, tmp_path, *args)`` spawns ``world_size`` processes, joins them
+into one gloo process group through a file store under ``tmp_path``, and calls
+``fn(rank, world_size, *args)`` on each.  ``fn`` must be importable (module level).  A worker's
+exception is re-raised in pytest with the worker's traceback; a hang fails loudly after
+``timeout`` seconds and every worker is killed.  Values returned by ``fn`` are pickled back
+and returned as a list indexed by rank.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn: Callable, rank: int, world_size: int, workdir: str, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    out = Path(workdir) / f"rank{rank}"
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{workdir}/store", rank=rank, world_size=world_size
+        )
+        result = fn(rank, world_size, *args)
+        out.with_suffix(".ok").write_bytes(pickle.dumps(result))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        out.with_suffix(".err").write_text(traceback.format_exc())
+        raise SystemExit(1)
+
+
+def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any, timeout: float = 240.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+    if not 1 <= world_size <= 8:
+        raise ValueError(f"world_size must be in 1..8, but got {world_size}")
+    workdir = Path(tmp_path) / f"dist-{fn.__name__}-{world_size}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, str(workdir), port, args), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = []
+    for r in range(world_size):
+        err = workdir / f"rank{r}.err"
+        if err.exists():
+            errors.append(f"--- rank {r} ---\n{err.read_text()}")
+    if errors:
+        raise AssertionError(f"{fn.__name__} failed on {len(errors)} of {world_size} ranks:\n" + "\n".join(errors))
+    if hung:
+        raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s on ranks {hung} (killed)")
+    bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+    if bad:
+        raise AssertionError(f"{fn.__name__}: ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+    return [pickle.loads((workdir / f"rank{r}.ok").read_bytes()) for r in range(world_size)]
