@@ -17,7 +17,7 @@ from torch import nn
 __all__ = ["unit_generator", "seeded_init_", "init_network_", "network_units"]
 
 # A child of a ``layerN`` container is one residual block: the unit of partitioning.
-_BLOCK_NAME = re.compile(r"^layer\d+\.\d+$")
+_BLOCK_NAME = re.compile(r"(^|\.)layer\d+\.\d+$")
 
 
 def unit_generator(seed: int, unit: str) -> torch.Generator:
@@ -57,7 +57,7 @@ def seeded_init_(module: nn.Module, seed: int, unit: str) -> nn.Module:
 def network_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Split a ResNet-like model into initialisation units.
 
-    Each residual block (``layerN.i``) is a unit; every other module that owns parameters
+    Each residual block (``layerN.i``, also nested, e.g. ``backbone.layer3.4``) is a unit; every other module that owns parameters
     directly (stem convolution, final norm, classifier, detection head) is a unit of its own.
     """
     units: list[tuple[str, nn.Module]] = []

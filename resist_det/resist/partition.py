@@ -52,7 +52,8 @@ def partitionable_blocks(model: nn.Module, pattern: str | None = None) -> list[s
         model: a network whose residual blocks carry a ``residual_scale`` attribute (the
             blocks of :mod:`resist_det.models`).
         pattern: regular expression matched (``re.fullmatch``) against module names.  ``None``
-            selects every non-strided block of ``layer3``.
+            selects every non-strided block of the first module named ``layer3``
+            (top level or nested, e.g. ``backbone.layer3``).
 
     Raises:
         ValueError: the pattern matches nothing, matches a module that is not a scalable
@@ -60,10 +61,14 @@ def partitionable_blocks(model: nn.Module, pattern: str | None = None) -> list[s
             or in different sections.
     """
     if pattern is None:
-        section = getattr(model, DEFAULT_SECTION, None)
+        # The first ``layer3`` found, at top level or nested (a detector's ``backbone.layer3``).
+        section_name, section = next(
+            ((n, m) for n, m in model.named_modules() if n == DEFAULT_SECTION or n.endswith("." + DEFAULT_SECTION)),
+            ("", None),
+        )
         if not isinstance(section, nn.Sequential):
             return []
-        names = [f"{DEFAULT_SECTION}.{i}" for i, b in enumerate(section) if _is_block(b) and not is_strided(b)]
+        names = [f"{section_name}.{i}" for i, b in enumerate(section) if _is_block(b) and not is_strided(b)]
     else:
         try:
             rx = re.compile(pattern)
