@@ -63,7 +63,7 @@ def network_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     units: list[tuple[str, nn.Module]] = []
     inside_block: set[str] = set()
     for name, m in model.named_modules():
-        if _BLOCK_NAME.match(name):
+        if _BLOCK_NAME.search(name):
             units.append((name, m))
             inside_block.add(name)
             continue
