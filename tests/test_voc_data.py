@@ -1,0 +1,219 @@
+"""VOC reader: hand-written VOCdevkit trees in tmp_path, including every error path."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from resist_det.data.transforms import boxes_to_original, detection_transform
+from resist_det.data.voc import VOC_CLASSES, VOCDetection, collate_detection, collect_classes
+
+W, H = 64, 48
+
+
+def obj(name: str, box: tuple[str, str, str, str], difficult: str | None = "0", truncated: str | None = "0") -> str:
+    flags = ""
+    if difficult is not None:
+        flags += f"<difficult>{difficult}</difficult>"
+    if truncated is not None:
+        flags += f"<truncated>{truncated}</truncated>"
+    x1, y1, x2, y2 = box
+    return (f"<object><name>{name}</name><pose>Left</pose>{flags}"
+            f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+
+
+def xml(image_id: str, *objects: str, size: tuple[int, int] = (W, H)) -> str:
+    return (f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename>"
+            f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+            f"<segmented>0</segmented>{''.join(objects)}</annotation>")
+
+
+def make_year(root: Path, year: str, annotations: dict[str, str | None], splits: dict[str, list[str]],
+              images: list[str] | None = None) -> Path:
+    """Write root/VOC<year>; annotations[id] None means no XML; images defaults to all ids."""
+    d = root / f"VOC{year}"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    for image_id, text in annotations.items():
+        if text is not None:
+            (d / "Annotations" / f"{image_id}.xml").write_text(text)
+    for k, image_id in enumerate(annotations if images is None else images):
+        pixels = np.full((H, W, 3), (10 * k % 255, 100, 200), np.uint8)
+        Image.fromarray(pixels).save(d / "JPEGImages" / f"{image_id}.jpg")
+    for split, ids in splits.items():
+        (d / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return d
+
+
+@pytest.fixture()
+def voc_root(tmp_path: Path) -> Path:
+    root = tmp_path / "VOCdevkit"
+    make_year(root, "2007", {
+        "000001": xml("000001",
+                      obj("dog", ("10", "5", "30", "25")),
+                      obj("person", ("1.5", "2.25", "40.75", "47"), difficult="1", truncated="1")),
+        "000002": xml("000002"),  # no objects
+        "000003": xml("000003", obj("cat", ("1", "1", "64", "48"), difficult=None, truncated=None)),
+    }, {"trainval": ["000001", "000002"], "test": ["000003"]})
+    make_year(root, "2012", {
+        "2008_000001": xml("2008_000001", obj("car", ("3", "4", "20", "30"))),
+    }, {"trainval": ["2008_000001"]})
+    return root
+
+
+def test_parses_boxes_flags_and_floats(voc_root: Path) -> None:
+    ds = VOCDetection(voc_root, [("2007", "trainval")])
+    assert len(ds) == 2 and ds.image_ids == ["000001", "000002"]
+    image, target = ds[0]
+    assert image.shape == (H, W, 3) and image.dtype == np.uint8
+    assert target["boxes"].dtype == np.float32 and target["boxes"].shape == (2, 4)
+    np.testing.assert_allclose(target["boxes"], [[10, 5, 30, 25], [1.5, 2.25, 40.75, 47]])
+    assert target["labels"].dtype == np.int64
+    assert target["labels"].tolist() == [VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")]
+    assert target["difficult"].dtype == bool and target["difficult"].tolist() == [False, True]
+    assert target["truncated"].tolist() == [False, True]
+    assert target["image_id"] == "000001" and target["size"] == (H, W)
+
+
+def test_image_without_objects_and_missing_flags(voc_root: Path) -> None:
+    ds = VOCDetection(voc_root, ("2007", "trainval"))  # a single pair is accepted too
+    _, target = ds[1]
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == np.float32
+    assert target["labels"].shape == (0,) and target["difficult"].shape == (0,)
+    ann = VOCDetection(voc_root, [("2007", "test")]).get_annotation(0)
+    assert ann["difficult"].tolist() == [False] and ann["truncated"].tolist() == [False]
+
+
+def test_get_annotation_matches_getitem_without_reading_pixels(voc_root: Path) -> None:
+    ds = VOCDetection(voc_root, [("2007", "trainval")])
+    ds._image_paths[0].unlink()  # annotation access must not touch the JPEG
+    ann = ds.get_annotation(0)
+    assert ann["labels"].tolist() == [11, 14]
+
+
+def test_union_of_two_years(voc_root: Path) -> None:
+    ds = VOCDetection(voc_root, [("2007", "trainval"), ("2012", "trainval")])
+    assert len(ds) == 3
+    assert ds.image_ids == ["2007/000001", "2007/000002", "2012/2008_000001"]
+    _, target = ds[2]
+    assert target["labels"].tolist() == [VOC_CLASSES.index("car")]
+    # the VOCdevkit parent folder is accepted as root as well
+    assert len(VOCDetection(voc_root.parent, [("2012", "trainval")])) == 1
+
+
+def test_custom_classes_and_collect(voc_root: Path) -> None:
+    classes = collect_classes(voc_root, [("2007", "trainval"), ("2007", "test")])
+    assert classes == ("cat", "dog", "person")
+    ds = VOCDetection(voc_root, [("2007", "trainval")], classes=classes)
+    assert ds.get_annotation(0)["labels"].tolist() == [1, 2]
+
+
+def test_unknown_class_raises_or_skips(voc_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"000001\.xml.*'person'.*not in the class list"):
+        VOCDetection(voc_root, [("2007", "trainval")], classes=("dog",))
+    ds = VOCDetection(voc_root, [("2007", "trainval")], classes=("dog",), skip_unknown=True)
+    assert ds.get_annotation(0)["labels"].tolist() == [0]
+
+
+def test_malformed_xml(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": "<annotation><object>"}, {"train": ["a"]})
+    with pytest.raises(ValueError, match=r"a\.xml.*malformed XML"):
+        VOCDetection(tmp_path, [("2007", "train")])
+
+
+def test_missing_image_or_xml(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": xml("a"), "b": xml("b")}, {"train": ["a", "b"]}, images=["a"])
+    with pytest.raises(FileNotFoundError, match=r"JPEGImages/b\.jpg"):
+        VOCDetection(tmp_path, [("2007", "train")])
+    make_year(tmp_path, "2008", {"a": None}, {"train": ["a"]})
+    with pytest.raises(FileNotFoundError, match=r"Annotations/a\.xml"):
+        VOCDetection(tmp_path, [("2008", "train")])
+
+
+def test_inverted_box_rejected(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": xml("a", obj("dog", ("1", "1", "5", "5")), obj("cat", ("20", "1", "10", "5")))},
+              {"train": ["a"]})
+    with pytest.raises(ValueError, match=r"a\.xml: object #1 \('cat'\).*inverted"):
+        VOCDetection(tmp_path, [("2007", "train")])
+
+
+def test_box_outside_image_is_clipped_with_warning(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": xml("a", obj("dog", ("-3", "2", "70", "50")))}, {"train": ["a"]})
+    with pytest.warns(UserWarning, match=r"a\.xml.*clipped"):
+        ds = VOCDetection(tmp_path, [("2007", "train")])
+    np.testing.assert_allclose(ds.get_annotation(0)["boxes"], [[0, 2, W, H]])
+
+
+def test_box_entirely_outside_image_rejected(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": xml("a", obj("dog", ("100", "2", "120", "10")))}, {"train": ["a"]})
+    with pytest.raises(ValueError, match=r"a\.xml.*entirely outside"):
+        VOCDetection(tmp_path, [("2007", "train")])
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    make_year(tmp_path, "2007", {"a": xml("a")}, {"train": []})
+    with pytest.raises(ValueError, match=r"train\.txt.*empty|empty.*train\.txt"):
+        VOCDetection(tmp_path, [("2007", "train")])
+
+
+def test_missing_root_or_year(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope.*never downloaded"):
+        VOCDetection(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"VOC2012.*never downloaded"):
+        VOCDetection(tmp_path, [("2012", "trainval")])
+    make_year(tmp_path, "2007", {"a": xml("a")}, {"train": ["a"]})
+    with pytest.raises(FileNotFoundError, match=r"val\.txt"):
+        VOCDetection(tmp_path, [("2007", "val")])
+
+
+def test_transform_and_collate(voc_root: Path) -> None:
+    ds = VOCDetection(voc_root, [("2007", "trainval"), ("2007", "test")], transform=detection_transform(32))
+    image, target = ds[0]
+    assert isinstance(image, torch.Tensor) and image.shape == (3, 32, 32) and image.dtype == torch.float32
+    # VOC (1-based inclusive) -> pixel edges -> scaled by 32/64 in x and 32/48 in y
+    np.testing.assert_allclose(target["boxes"][0], [9 / 2, 4 * 32 / 48, 30 / 2, 25 * 32 / 48], rtol=1e-5)
+    assert target["difficult"].tolist() == [False, True]
+    # the inverse mapping recovers the original VOC coordinates
+    back = boxes_to_original(target["boxes"], (32, 32), target["size"])
+    np.testing.assert_allclose(back, ds.get_annotation(0)["boxes"], rtol=1e-5)
+    images, targets = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_detection)))
+    assert images.shape == (3, 3, 32, 32) and len(targets) == 3
+    assert targets[1]["boxes"].shape == (0, 4) and isinstance(targets[0]["labels"], torch.Tensor)
+    # one-pixel-wide VOC box (xmin == xmax) survives the transform
+    t = detection_transform(32)
+    _, b, lab = t(np.zeros((H, W, 3), np.uint8), np.array([[5.0, 5.0, 5.0, 9.0]]), np.array([3]))
+    assert b.shape == (1, 4) and lab.tolist() == [3] and b[0, 2] > b[0, 0]
+
+
+def test_augment_keeps_boxes_aligned() -> None:
+    t = detection_transform(64, train=True, augment=True, seed=3)
+    image = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
+    boxes = np.array([[2.0, 2.0, 20.0, 20.0], [30.0, 10.0, 60.0, 40.0]])
+    for _ in range(20):
+        tensor, b, lab, diff = t(image, boxes, np.array([1, 2]), difficult=np.array([False, True]))
+        assert tensor.shape == (3, 64, 64)
+        assert len(b) == len(lab) == len(diff)
+        assert (b >= 0).all() and (b <= 64).all()
+        assert all((lab == 2) == diff)  # difficult flag travels with its box
+
+
+def test_size_must_be_multiple_of_32() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        detection_transform(100)
+
+
+def test_collate_rejects_mixed_sizes() -> None:
+    with pytest.raises(ValueError, match="equally sized"):
+        collate_detection([(np.zeros((4, 4, 3), np.uint8), {}), (np.zeros((5, 4, 3), np.uint8), {})])
+
+
+def test_no_warning_for_clean_data(voc_root: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VOCDetection(voc_root, [("2007", "trainval"), ("2012", "trainval")])
