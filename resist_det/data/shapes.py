@@ -47,14 +47,15 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over the smaller box's area (how much one could hide the other)."""
     iw = min(a[2], b[2]) - max(a[0], b[0]) + 1
     ih = min(a[3], b[3]) - max(a[1], b[1]) + 1
     if iw <= 0 or ih <= 0:
         return 0.0
     inter = iw * ih
     area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
+    return inter / min(area(a), area(b))
 
 
 def _draw_image(
@@ -74,7 +75,7 @@ def _draw_image(
         x0 = int(rng.integers(0, size - w + 1))
         y0 = int(rng.integers(0, size - h + 1))
         box = (x0, y0, x0 + w - 1, y0 + h - 1)
-        if any(_iou(box, other) > 0.1 for _, other in placed):
+        if any(_overlap(box, other) > 0.15 for _, other in placed):
             continue
         name = SHAPES_CLASSES[int(rng.integers(len(SHAPES_CLASSES)))]
         base = np.array(SHAPES_COLOURS[name])
