@@ -1,0 +1,81 @@
+"""The ``"resist"`` section of a DeepSpeed config: validated once, stripped before DeepSpeed sees it.
+
+Example DeepSpeed config::
+
+    {
+      "train_micro_batch_size_per_gpu": 128,
+      "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+      "resist": {"mode": "resist", "local_steps": 50, "min_blocks": 5}
+    }
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ResISTConfig", "split_config", "config_error"]
+
+
+class ResISTConfig(BaseModel):
+    """Settings of the ResIST engine (paper defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["resist", "local_sgd", "ddp"] = Field("resist", description="resist, the local-SGD baseline, or plain DeepSpeed data parallel")
+    local_steps: int = Field(50, ge=1, description="local steps between synchronisations (paper: 50; ImageNet 15)")
+    min_blocks: int = Field(5, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10)")
+    seed: int = Field(0, ge=0, description="seed of the partition plans")
+    scale: Literal["inclusion", "inverse_s"] = Field("inclusion", description="residual scaling of the global network")
+    momentum: Literal["restart", "keep"] = Field("restart", description="optimizer state at each round (paper: restart)")
+    bn: Literal["average", "local"] = Field("average", description="BN running statistics: averaged at sync, or kept local")
+    bn_sync_rounds: int = Field(1, ge=1, description="average BN statistics every this many rounds (paper ImageNet: 1300)")
+    warmup_local_sgd_steps: int = Field(0, ge=0, description="local-SGD steps before ResIST starts (paper section 2.6)")
+    block_pattern: str | None = Field(None, description="regex of partitionable block names; default: non-strided layer3 blocks")
+    bucket_mb: float = Field(32.0, gt=0, description="size of the flat buckets used to average shared tensors")
+
+    def digest(self) -> str:
+        """Stable hash of the settings; ranks compare it at start-up."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_error(err: ValidationError, section: str = "resist") -> ValueError:
+    """One readable error naming every offending key."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (section, *e["loc"]))
+        got = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {got!r})")
+    return ValueError("invalid config: " + "; ".join(lines))
+
+
+def split_config(config: dict[str, Any] | str | Path | None) -> tuple[dict[str, Any], ResISTConfig]:
+    """Split a DeepSpeed config (dict or JSON path) into (DeepSpeed's part, ResIST settings)."""
+    if config is None:
+        raise ValueError("a DeepSpeed config (dict or JSON file path) is required")
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict or a JSON file path, but got {type(config).__name__}")
+    ds = copy.deepcopy(config)
+    section = ds.pop("resist", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"invalid config: resist: expected an object, got {type(section).__name__}")
+    try:
+        return ds, ResISTConfig(**section)
+    except ValidationError as e:
+        raise config_error(e) from None

@@ -1,0 +1,231 @@
+"""The ResIST engine: a thin shell around DeepSpeed's engine.
+
+The user's loop does not change::
+
+    engine, optimizer, _, scheduler = resist_det.initialize(model=net, model_parameters=net.parameters(), config=cfg)
+    for x, y in loader:
+        loss = criterion(engine(x), y)
+        engine.backward(loss)
+        engine.step()          # every `local_steps` optimizer steps: one synchronisation round
+
+DeepSpeed's full-model gradient all-reduce is switched off (``enable_backward_allreduce``);
+each rank trains its own sub-ResNet, and :meth:`ResISTEngine.synchronize` averages the shared
+layers and routes the partitioned blocks (:mod:`resist_det.resist.sync`).  Everything the
+engine does not define is DeepSpeed's (``engine.module``, ``engine.save_checkpoint`` ...).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import deepspeed.comm as dist
+
+from .config import ResISTConfig
+from .partition import set_residual_scales
+from .plan import Plan, inclusion_probability, iter_plans
+from .subnet import SlottedSection, get_submodule_parent
+from .sync import average_tensors, gather_blocks, route_blocks
+
+__all__ = ["ResISTEngine", "memory_footprint"]
+
+
+class ResISTEngine:
+    """Wraps a ``DeepSpeedEngine``; ``mode`` is ``resist``, ``local_sgd`` or ``ddp``.
+
+    Built by :func:`resist_det.initialize`, not directly.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        config: ResISTConfig,
+        *,
+        block_names: list[str] | None = None,
+        section: SlottedSection | None = None,
+        section_name: str | None = None,
+        grad_clip: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.block_names = block_names or []
+        self.section = section
+        self.section_name = section_name
+        self.grad_clip = grad_clip
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.round = 0  # index of the current round (its plan is self.plan)
+        self.local_step = 0  # optimizer steps taken in the current round
+        self.bytes_sent = 0  # by this rank, all rounds (costing of resist_det.resist.sync)
+        self._plans: Iterator[Plan] | None = None
+        self.plan: Plan | None = None
+        if config.mode == "resist":
+            self._restart_plans(0)
+
+    # ---- the user's loop ---------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> Any:
+        return self.engine.backward(loss, **kwargs)
+
+    def step(self, **kwargs: Any) -> None:
+        """Optimizer step (at gradient-accumulation boundaries); a sync every ``local_steps`` steps."""
+        if self.grad_clip > 0 and self.engine.is_gradient_accumulation_boundary():
+            # Local clipping: DeepSpeed's own clipping all-reduces the norm every step.
+            torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.grad_clip)
+        before = self.engine.global_steps
+        self.engine.step(**kwargs)
+        if self.config.mode == "ddp" or self.engine.global_steps == before:
+            return
+        self.local_step += 1
+        if self.local_step >= self.config.local_steps:
+            self.synchronize()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names this class does not define: defer to DeepSpeed's engine.
+        return getattr(self.__dict__["engine"], name)
+
+    # ---- synchronisation ---------------------------------------------------------------
+    def _restart_plans(self, round: int) -> None:
+        c = self.config
+        self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), c.min_blocks, start=round)
+        self.plan = next(self._plans)
+        self.round = round
+
+    def shared_tensors(self, with_buffers: bool) -> list[torch.Tensor]:
+        """Tensors every rank holds: all but the partitioned slots (all of them outside resist)."""
+        slots = self.section.slots if self.section is not None else nn.ModuleList()
+        skip = {id(p) for p in slots.parameters()} | {id(b) for b in slots.buffers()}
+        out = [p.data for p in self.engine.module.parameters() if id(p) not in skip]
+        if with_buffers:
+            out += [b for b in self.engine.module.buffers() if b.is_floating_point() and id(b) not in skip]
+        return out
+
+    @torch.no_grad()
+    def synchronize(self) -> int:
+        """End the current round now: average shared layers, route blocks, start the next round.
+
+        Collective (every rank must call it).  Returns the bytes this rank sent.
+        """
+        c = self.config
+        if c.mode == "ddp":
+            return 0
+        with_bn = c.bn == "average" and (self.round + 1) % c.bn_sync_rounds == 0
+        sent = average_tensors(self.shared_tensors(with_bn), bucket_bytes=int(c.bucket_mb * 2**20))
+        changed: set[int] = set()
+        if c.mode == "resist":
+            old = self.plan
+            new = next(self._plans)
+            before = list(self.section.slot_blocks)
+            slot_blocks, p2p = route_blocks(self.section.slots, before, old, new, self.rank)
+            self.section.assign(slot_blocks)
+            sent += p2p
+            changed = {i for i, (a, b) in enumerate(zip(before, slot_blocks)) if a != b}
+            self.plan = new
+        self.round += 1
+        self.local_step = 0
+        self._reset_optimizer_state(changed)
+        self.bytes_sent += sent
+        return sent
+
+    def _reset_optimizer_state(self, changed_slots: set[int]) -> None:
+        opt = self.engine.optimizer
+        if self.config.momentum == "restart":
+            opt.state.clear()  # paper: momentum restarts every round
+            return
+        # "keep": a block that arrived from another rank brings no optimizer state.
+        for i in changed_slots:
+            for p in self.section.slots[i].parameters():
+                opt.state.pop(p, None)
+
+    # ---- the global network ------------------------------------------------------------
+    def residual_scale(self) -> float:
+        """Scale of every partitioned block in the global network (paper section 2.6)."""
+        c = self.config
+        if c.mode != "resist":
+            return 1.0
+        if c.scale == "inverse_s":
+            return 1.0 / self.world_size
+        return inclusion_probability(self.world_size, len(self.block_names), c.min_blocks)
+
+    @torch.no_grad()
+    def global_model(self, dst: int = 0) -> nn.Module | None:
+        """The whole network as an ordinary ``nn.Module`` on rank ``dst`` (``None`` elsewhere).
+
+        Collective.  Each partitioned block comes from one holder; its residual branch is
+        scaled by :meth:`residual_scale`.  Call it right after a synchronisation (e.g. after
+        :meth:`synchronize`), when every copy of a tensor agrees.
+        """
+        module = self.engine.module
+        if self.config.mode != "resist":
+            return copy.deepcopy(module) if self.rank == dst else None
+        section = self.section
+        blocks: list[nn.Module] = []
+        if self.rank == dst:
+            blocks = [copy.deepcopy(section.slots[0]) for _ in self.block_names]
+        self.bytes_sent += gather_blocks(section.slots, section.slot_blocks, self.plan, self.rank, dst, blocks)
+        if self.rank != dst:
+            return None
+        # Rebuild the original section (an nn.Sequential) around a copy of the shared layers.
+        parent, child = get_submodule_parent(module, self.section_name)
+        placeholder = nn.Identity()
+        setattr(parent, child, placeholder)
+        try:
+            net = copy.deepcopy(module)
+        finally:
+            setattr(parent, child, section)
+        seq: list[tuple[int, nn.Module]] = [(p, copy.deepcopy(m)) for p, m in zip(section.fixed_positions, section.fixed)]
+        seq += [(section.positions[b], blk) for b, blk in enumerate(blocks)]
+        new_parent, _ = get_submodule_parent(net, self.section_name)
+        setattr(new_parent, child, nn.Sequential(*[m for _, m in sorted(seq, key=lambda t: t[0])]))
+        s = self.residual_scale()
+        set_residual_scales(net, {n: s for n in self.block_names})
+        return net
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """ResIST state for ``save_checkpoint(..., client_state={"resist": engine.state_dict()})``."""
+        return {
+            "round": self.round,
+            "local_step": self.local_step,
+            "bytes_sent": self.bytes_sent,
+            "world_size": self.world_size,
+            "config_digest": self.config.digest(),
+            "slot_blocks": list(self.section.slot_blocks) if self.section is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"ResIST state was saved with world size {state['world_size']}, but this run has {self.world_size}"
+            )
+        if state["config_digest"] != self.config.digest():
+            raise ValueError("ResIST state was saved with a different 'resist' config section")
+        self.local_step = state["local_step"]
+        self.bytes_sent = state["bytes_sent"]
+        if self.config.mode == "resist":
+            self._restart_plans(state["round"])
+            self.section.assign(state["slot_blocks"])
+        self.round = state["round"]
+
+
+def memory_footprint(engine: ResISTEngine | Any) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state held by this rank, counted from tensors."""
+    inner = engine.engine if isinstance(engine, ResISTEngine) else engine
+    params = list(inner.module.parameters())
+    p = sum(t.numel() * t.element_size() for t in params)
+    g = sum(t.grad.numel() * t.grad.element_size() for t in params if t.grad is not None)
+    o = 0
+    for st in inner.optimizer.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                o += v.numel() * v.element_size()
+    return {"parameters": p, "gradients": g, "optimizer_state": o, "total": p + g + o}

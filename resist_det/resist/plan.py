@@ -1,0 +1,117 @@
+"""Who holds which partitioned block in each round (paper section 2.2 and 2.6).
+
+A plan is a pure function of ``(seed, round, S, n blocks, min blocks)``: every rank computes
+it, nothing about it is communicated.  In round t a random permutation of the n partitionable
+blocks is dealt round-robin to the S sub-ResNets, so each gets an equal share; every
+sub-ResNet is then topped up to the same size ``k = max(ceil(n / S), min_blocks)`` with
+blocks already dealt elsewhere (sharing), least-shared blocks first.  Equal sizes mean equal
+compute per worker and no empty slots.
+
+Which group goes to which rank does not change the distribution over sub-networks, so it is
+chosen to keep as many blocks as possible where they already are (a maximum-overlap
+assignment against the previous round): fewer bytes moved for the same randomness.
+
+Example::
+
+    >>> plan = make_plan(seed=0, round=0, num_workers=4, num_blocks=22, min_blocks=5)
+    >>> [len(g) for g in plan.groups]
+    [6, 6, 6, 6]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["Plan", "make_plan", "iter_plans", "blocks_per_worker", "inclusion_probability", "check_plan_args"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The partition of one round: ``groups[rank]`` is the sorted tuple of block indices."""
+
+    round: int
+    groups: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.groups)
+
+    def holders(self, block: int) -> tuple[int, ...]:
+        """Ranks holding ``block`` in this round, ascending."""
+        return tuple(r for r, g in enumerate(self.groups) if block in g)
+
+
+def check_plan_args(num_workers: int, num_blocks: int, min_blocks: int) -> None:
+    """Raise ``ValueError`` naming the argument for impossible settings."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, but got {num_workers}")
+    if num_blocks < 1:
+        raise ValueError(
+            f"num_blocks must be >= 1, but got {num_blocks}: the model has no partitionable blocks "
+            "(use mode 'local_sgd' for it)"
+        )
+    if not 1 <= min_blocks <= num_blocks:
+        raise ValueError(
+            f"min_blocks must be between 1 and the number of partitionable blocks ({num_blocks}), but got {min_blocks}"
+        )
+
+
+def blocks_per_worker(num_workers: int, num_blocks: int, min_blocks: int) -> int:
+    """Size k of every sub-ResNet's partitioned part: ``max(ceil(n / S), min_blocks)``."""
+    check_plan_args(num_workers, num_blocks, min_blocks)
+    return max(math.ceil(num_blocks / num_workers), min_blocks)
+
+
+def inclusion_probability(num_workers: int, num_blocks: int, min_blocks: int) -> float:
+    """Probability that a given sub-ResNet holds a given block: ``k / n`` (``1 / S`` without sharing)."""
+    return blocks_per_worker(num_workers, num_blocks, min_blocks) / num_blocks
+
+
+def _deal(rng: np.random.Generator, num_workers: int, num_blocks: int, k: int) -> list[list[int]]:
+    perm = [int(b) for b in rng.permutation(num_blocks)]
+    groups = [perm[i::num_workers] for i in range(num_workers)]
+    holders = {b: 1 for b in perm}
+    order = {b: i for i, b in enumerate(perm)}
+    for g in groups:
+        while len(g) < k:
+            # Least-shared block not yet in this group; ties broken by the permutation.
+            b = min((b for b in perm if b not in g), key=lambda b: (holders[b], order[b]))
+            g.append(b)
+            holders[b] += 1
+    return [sorted(g) for g in groups]
+
+
+def _assign(groups: list[list[int]], previous: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """Give each rank the new group that overlaps most with what it holds now."""
+    overlap = np.array([[len(set(prev) & set(g)) for g in groups] for prev in previous])
+    _, cols = linear_sum_assignment(-overlap)
+    return tuple(tuple(groups[c]) for c in cols)
+
+
+def iter_plans(seed: int, num_workers: int, num_blocks: int, min_blocks: int, start: int = 0) -> Iterator[Plan]:
+    """Plans of rounds ``start, start + 1, ...``; rounds chain through the keep-blocks assignment.
+
+    The engine walks this once; resuming at round t replays the cheap chain from round 0.
+    """
+    k = blocks_per_worker(num_workers, num_blocks, min_blocks)
+    if start < 0:
+        raise ValueError(f"start must be >= 0, but got {start}")
+    prev: tuple[tuple[int, ...], ...] | None = None
+    for t in itertools.count():
+        groups = _deal(np.random.default_rng([seed, t]), num_workers, num_blocks, k)
+        prev = tuple(tuple(g) for g in groups) if prev is None else _assign(groups, prev)
+        if t >= start:
+            yield Plan(round=t, groups=prev)
+
+
+def make_plan(seed: int, round: int, num_workers: int, num_blocks: int, min_blocks: int) -> Plan:
+    """The plan of round ``round`` (0-based)."""
+    if round < 0:
+        raise ValueError(f"round must be >= 0, but got {round}")
+    return next(iter_plans(seed, num_workers, num_blocks, min_blocks, start=round))
