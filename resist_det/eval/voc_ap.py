@@ -239,11 +239,15 @@ def evaluate_detections(
     npos = np.bincount(gt_labels[~gt_difficult], minlength=num_classes).astype(np.int64)
     ndet = np.bincount(det_labels, minlength=num_classes).astype(np.int64)
 
-    # Detections grouped by class, descending score within a class (stable on ties).
-    order = np.lexsort((-det_scores, det_labels))
-    det_boxes, det_labels, det_image = det_boxes[order], det_labels[order], det_image[order]
-
+    # Best GT per detection does not depend on the order, so match before sorting.
     ovmax, jmax = _match(det_boxes, det_image * num_classes + det_labels, gt_boxes, gt_image * num_classes + gt_labels)
+
+    # Group by class, descending score within a class, ties in input order: a stable
+    # score sort followed by a stable (radix, for small ints) sort on the label.
+    order = np.argsort(-det_scores, kind="stable")
+    label_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
+    order = order[np.argsort(det_labels[order].astype(label_dtype), kind="stable")]
+    det_labels, ovmax, jmax = det_labels[order], ovmax[order], jmax[order]
     hit = ovmax > iou_threshold
     hit_difficult = np.zeros_like(hit)
     hit_difficult[hit] = gt_difficult[jmax[hit]]

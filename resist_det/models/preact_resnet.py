@@ -50,6 +50,8 @@ class PreActResNet(nn.Module):
         in_channels: input image channels (1 for Fashion-MNIST, 3 for CIFAR / ImageNet).
         stem: ``"cifar"`` (3x3 conv, stride 1, no max-pool; for 32x32 inputs) or
             ``"imagenet"`` (7x7 conv stride 2, BN-ReLU, 3x3 max-pool).
+        base_width: channels of section 1 (64 in He et al.); sections double it. Small
+            widths give fast test and demo networks.
         seed: seed of the per-unit initialisation (see :mod:`resist_det.models.init`).
     """
 
@@ -61,6 +63,7 @@ class PreActResNet(nn.Module):
         num_classes: int = 1000,
         in_channels: int = 3,
         stem: Literal["cifar", "imagenet"] = "imagenet",
+        base_width: int = 64,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -73,24 +76,27 @@ class PreActResNet(nn.Module):
             raise ValueError(f"num_classes must be >= 1, but got {num_classes}")
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, but got {in_channels}")
-        self.inplanes = 64
+        if base_width < 1:
+            raise ValueError(f"base_width must be >= 1, but got {base_width}")
+        w = base_width
+        self.inplanes = w
         if stem == "cifar":
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, w, kernel_size=3, stride=1, padding=1, bias=False)
             self.stem = nn.Identity()
         elif stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.stem = nn.Sequential(nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            self.conv1 = nn.Conv2d(in_channels, w, kernel_size=7, stride=2, padding=3, bias=False)
+            self.stem = nn.Sequential(nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', but got {stem!r}")
-        self.layer1 = self._make_layer(block, 64, layers[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, w, layers[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * w, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * w, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * w, layers[3], stride=2)
         # Pre-activation nets end with the BN-ReLU that the last block left out.
-        self.bn_final = nn.BatchNorm2d(512 * block.expansion)
+        self.bn_final = nn.BatchNorm2d(8 * w * block.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(8 * w * block.expansion, num_classes)
         if not any(p.is_meta for p in self.parameters()):
             init_network_(self, seed)
 
@@ -120,6 +126,7 @@ def preact_resnet(
     num_classes: int = 1000,
     in_channels: int = 3,
     stem: Literal["cifar", "imagenet"] = "imagenet",
+    base_width: int = 64,
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> PreActResNet:
@@ -144,6 +151,7 @@ def preact_resnet(
             num_classes=num_classes,
             in_channels=in_channels,
             stem=stem,
+            base_width=base_width,
             seed=seed,
         )
 

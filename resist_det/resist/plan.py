@@ -2,10 +2,10 @@
 
 A plan is a pure function of ``(seed, round, S, n blocks, min blocks)``: every rank computes
 it, nothing about it is communicated.  In round t a random permutation of the n partitionable
-blocks is dealt round-robin to the S sub-ResNets, so each gets an equal share; every
-sub-ResNet is then topped up to the same size ``k = max(ceil(n / S), min_blocks)`` with
-blocks already dealt elsewhere (sharing), least-shared blocks first.  Equal sizes mean equal
-compute per worker and no empty slots.
+blocks is dealt to the S sub-ResNets in equal shares of ``k = max(ceil(n / S), min_blocks)``
+blocks, reading the permutation cyclically: where ``S k > n`` some blocks go to two
+sub-ResNets (sharing, to reach the minimum depth), every block equally often up to one.
+Equal sizes mean equal compute per worker and no empty slots.
 
 Which group goes to which rank does not change the distribution over sub-networks, so it is
 chosen to keep as many blocks as possible where they already are (a maximum-overlap
@@ -74,17 +74,15 @@ def inclusion_probability(num_workers: int, num_blocks: int, min_blocks: int) ->
 
 
 def _deal(rng: np.random.Generator, num_workers: int, num_blocks: int, k: int) -> list[list[int]]:
-    perm = [int(b) for b in rng.permutation(num_blocks)]
-    groups = [perm[i::num_workers] for i in range(num_workers)]
-    holders = {b: 1 for b in perm}
-    order = {b: i for i, b in enumerate(perm)}
-    for g in groups:
-        while len(g) < k:
-            # Least-shared block not yet in this group; ties broken by the permutation.
-            b = min((b for b in perm if b not in g), key=lambda b: (holders[b], order[b]))
-            g.append(b)
-            holders[b] += 1
-    return [sorted(g) for g in groups]
+    """Deal a random permutation, read cyclically, to the workers in runs of ``k``.
+
+    For one lap (``S * k == n``) this is a uniformly random partition into equal groups, the
+    same distribution as round-robin dealing.  Where ``S * k > n`` the stream wraps around, so
+    every block is held ``floor`` or ``ceil`` of ``S k / n`` times and, since ``k <= n``, no
+    run repeats a block.
+    """
+    perm = rng.permutation(num_blocks)
+    return [sorted(int(perm[(i * k + j) % num_blocks]) for j in range(k)) for i in range(num_workers)]
 
 
 def _assign(groups: list[list[int]], previous: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:

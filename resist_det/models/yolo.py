@@ -1,0 +1,348 @@
+"""YOLOv2-style detector on a torchvision ResNet backbone (ResIST paper, section 5).
+
+The backbone is torchvision's ``ResNet`` (blocks with a ``residual_scale``) kept under the
+attribute ``backbone`` with its torchvision names (``backbone.conv1``, ``backbone.layer3.5``...),
+so :func:`resist_det.resist.partition.partitionable_blocks` finds ``backbone.layer3`` and
+torchvision checkpoints load with ``strict=False`` (only ``fc`` is gone).  The stride-32 output
+of ``layer4`` feeds an optional neck (3x3 conv + BN + LeakyReLU) and the detection layer, a 1x1
+convolution with ``A * (5 + C)`` outputs: per anchor ``tx, ty, tw, th, to`` and ``C`` class
+logits (Redmon & Farhadi 2017).  A 448x448 input gives a 14x14 grid.
+
+Prediction layout: :meth:`YOLODetector.forward` returns raw (un-activated) predictions
+``[B, H, W, A, 5 + C]`` (contiguous), channel order ``tx, ty, tw, th, to, class logits...``.
+Decoding (grid-cell units, anchors in grid cells as YOLOv2's VOC priors)::
+
+    x = (sigmoid(tx) + cx) * stride_x      w = anchor_w * exp(tw) * stride_x
+    y = (sigmoid(ty) + cy) * stride_y      h = anchor_h * exp(th) * stride_y
+    score[c] = sigmoid(to) * softmax(class logits)[c]
+
+Boxes are continuous pixel-edge ``x1, y1, x2, y2`` of the network input (the frame of
+:mod:`resist_det.data.transforms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.resnet import ResNet
+
+from .init import init_network_, unit_generator
+from .resnet import TV_DEPTHS, resnet
+
+__all__ = [
+    "VOC_ANCHORS",
+    "YOLO_STRIDE",
+    "YOLODetector",
+    "yolo_resnet",
+    "decode_boxes",
+    "decode_predictions",
+    "rescale_boxes",
+]
+
+# YOLOv2's VOC anchor priors (width, height) in grid cells of a 13x13 (416 px) grid.
+VOC_ANCHORS: tuple[tuple[float, float], ...] = (
+    (1.3221, 1.73145),
+    (3.19275, 4.00944),
+    (5.05587, 8.09892),
+    (9.47112, 4.84053),
+    (11.2364, 10.0071),
+)
+YOLO_STRIDE = 32  # output stride of a ResNet's layer4
+
+
+def _check_anchors(anchors: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
+    try:
+        out = tuple((float(w), float(h)) for w, h in anchors)
+    except (TypeError, ValueError):
+        out = ()
+    if not out or any(w <= 0 or h <= 0 for w, h in out):
+        raise ValueError(f"anchors must be a non-empty sequence of positive (w, h) pairs, got {anchors!r}")
+    return out
+
+
+def _pair(size: int | Sequence[int], what: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        h = w = size
+    else:
+        if len(size) != 2:
+            raise ValueError(f"{what} must be an int or (h, w), got {size!r}")
+        h, w = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return h, w
+
+
+def _check_multiple_of_stride(h: int, w: int, what: str) -> None:
+    if h % YOLO_STRIDE or w % YOLO_STRIDE:
+        raise ValueError(
+            f"{what} must be a multiple of {YOLO_STRIDE} (the backbone's output stride), got {h}x{w}"
+        )
+
+
+class YOLODetector(nn.Module):
+    """ResNet backbone + optional neck + 1x1 detection layer; see the module docstring.
+
+    Args:
+        backbone: a torchvision ``ResNet`` (its ``fc`` is replaced by ``nn.Identity`` and its
+            ``avgpool`` is not used).
+        num_classes: object classes ``C`` (20 for VOC), no background class.
+        anchors: ``A`` anchor priors ``(w, h)`` in grid cells.
+        image_size: nominal square input size (multiple of 32); only a default for
+            :meth:`decode` and a record of the training resolution - :meth:`forward` accepts
+            any ``H, W`` that are multiples of 32.
+        neck_channels: width of a 3x3 conv + BN + LeakyReLU(0.1) before the detection layer,
+            or 0 for none (the paper's plain 1x1 detection layer).
+        objectness_prior: initial ``sigmoid(to)`` (the detection layer's objectness bias), so
+            the ~1000 empty anchors start near "no object" instead of 0.5.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet,
+        num_classes: int = 20,
+        anchors: Sequence[Sequence[float]] = VOC_ANCHORS,
+        image_size: int = 448,
+        *,
+        neck_channels: int = 0,
+        objectness_prior: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, ResNet):
+            raise TypeError(f"backbone must be a torchvision ResNet, got {type(backbone).__name__}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 < objectness_prior < 1.0:
+            raise ValueError(f"objectness_prior must be in (0, 1), got {objectness_prior}")
+        if neck_channels < 0:
+            raise ValueError(f"neck_channels must be >= 0, got {neck_channels}")
+        _check_multiple_of_stride(*_pair(image_size, "image_size"), "image_size")
+        self.anchors = _check_anchors(anchors)  # a plain attribute: a buffer would make the root an init unit
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.objectness_prior = float(objectness_prior)
+        feat = backbone.fc.in_features if isinstance(backbone.fc, nn.Linear) else backbone.inplanes
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        device = backbone.conv1.weight.device
+        with torch.device(device):
+            if neck_channels:
+                self.neck: nn.Module = nn.Sequential(
+                    nn.Conv2d(feat, neck_channels, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(neck_channels),
+                    nn.LeakyReLU(0.1, inplace=True),
+                )
+                feat = neck_channels
+            else:
+                self.neck = nn.Identity()
+            self.head = nn.Conv2d(feat, self.num_anchors * (5 + self.num_classes), kernel_size=1)
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchors)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int) -> YOLODetector:
+        """Initialise every unit from ``(seed, unit name)`` (:func:`init_network_`), then the head.
+
+        The detection layer gets ``normal(0, 0.01)`` weights (its draws seeded by
+        ``(seed, "head")``) so that initial boxes are the anchors, zero biases except the
+        objectness biases, set to ``logit(objectness_prior)``.
+        """
+        init_network_(self, seed)
+        g = unit_generator(seed, "head")
+        self.head.weight.normal_(0.0, 0.01, generator=g)
+        bias = self.head.bias.view(self.num_anchors, 5 + self.num_classes)
+        bias.zero_()
+        p = self.objectness_prior
+        bias[:, 4] = float(torch.logit(torch.tensor(p)))
+        return self
+
+    def features(self, images: Tensor) -> Tensor:
+        """Stride-32 features of ``layer4`` (torchvision's forward without avgpool/fc)."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
+        return x
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Raw predictions ``[B, H/32, W/32, A, 5 + C]`` for ``images`` ``[B, 3, H, W]``."""
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+        _check_multiple_of_stride(images.shape[-2], images.shape[-1], "input size")
+        out = self.head(self.neck(self.features(images)))
+        bsz, _, h, w = out.shape
+        return out.view(bsz, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 3, 4, 1, 2).contiguous()
+
+    def decode(
+        self,
+        predictions: Tensor,
+        image_size: int | Sequence[int] | None = None,
+        conf_threshold: float = 0.005,
+        nms_iou: float = 0.45,
+        max_detections: int = 100,
+    ) -> list[dict[str, Tensor]]:
+        """:func:`decode_predictions` with this detector's anchors; ``image_size`` defaults to
+        the grid size times 32 (the input that produced ``predictions``)."""
+        if image_size is None:
+            image_size = (predictions.shape[1] * YOLO_STRIDE, predictions.shape[2] * YOLO_STRIDE)
+        return decode_predictions(
+            predictions,
+            self.anchors,
+            image_size,
+            conf_threshold=conf_threshold,
+            nms_iou=nms_iou,
+            max_detections=max_detections,
+        )
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, **decode_kwargs: float) -> list[dict[str, Tensor]]:
+        """Forward + :meth:`decode` (no grad; the caller chooses train/eval mode)."""
+        return self.decode(self(images), (images.shape[-2], images.shape[-1]), **decode_kwargs)
+
+
+def yolo_resnet(
+    depth: int = 101,
+    *,
+    num_classes: int = 20,
+    anchors: Sequence[Sequence[float]] = VOC_ANCHORS,
+    image_size: int = 448,
+    neck_channels: int = 0,
+    objectness_prior: float = 0.1,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> YOLODetector:
+    """YOLOv2-style detector on a torchvision ResNet of ``depth`` (18/34/50/101/152).
+
+    Initialised per unit from ``seed`` (:meth:`YOLODetector.reset_parameters`), so each
+    residual block ``backbone.layerN.i`` can be rebuilt alone; ``device="meta"`` gives the
+    structure only (no memory, no init).
+    """
+    if depth not in TV_DEPTHS:
+        raise ValueError(f"depth must be one of {sorted(TV_DEPTHS)}, but got {depth}")
+    _check_multiple_of_stride(*_pair(image_size, "image_size"), "image_size")
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    # Build on meta, then allocate once: every parameter is initialised below, so the
+    # classifier-network init that resnet() would do on a real device is skipped.
+    backbone = resnet(depth, seed=seed, device="meta")
+    backbone.fc = nn.Identity()
+    if target.type != "meta":
+        backbone = backbone.to_empty(device=target)
+    model = YOLODetector(
+        backbone,
+        num_classes,
+        anchors,
+        image_size,
+        neck_channels=neck_channels,
+        objectness_prior=objectness_prior,
+    )
+    if target.type != "meta":
+        model.reset_parameters(seed)
+    return model
+
+
+def decode_boxes(predictions: Tensor, anchors: Sequence[Sequence[float]]) -> Tensor:
+    """Boxes ``[..., H, W, A, 4]`` as ``cx, cy, w, h`` in grid cells from raw predictions
+    ``[..., H, W, A, 5 + C]`` (differentiable; ``tw, th`` are clamped at 10 against overflow)."""
+    h, w, a = predictions.shape[-4:-1]
+    anchor_wh = torch.as_tensor(_check_anchors(anchors), dtype=predictions.dtype, device=predictions.device)
+    if anchor_wh.shape[0] != a:
+        raise ValueError(f"predictions have {a} anchors per cell but {anchor_wh.shape[0]} anchors were given")
+    gy, gx = torch.meshgrid(
+        torch.arange(h, dtype=predictions.dtype, device=predictions.device),
+        torch.arange(w, dtype=predictions.dtype, device=predictions.device),
+        indexing="ij",
+    )
+    cx = torch.sigmoid(predictions[..., 0]) + gx[:, :, None]
+    cy = torch.sigmoid(predictions[..., 1]) + gy[:, :, None]
+    bw = anchor_wh[:, 0] * torch.exp(predictions[..., 2].clamp(max=10.0))
+    bh = anchor_wh[:, 1] * torch.exp(predictions[..., 3].clamp(max=10.0))
+    return torch.stack((cx, cy, bw, bh), dim=-1)
+
+
+def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """``cx, cy, w, h`` -> ``x1, y1, x2, y2`` (last dimension)."""
+    c, s = boxes[..., :2], boxes[..., 2:4] / 2
+    return torch.cat((c - s, c + s), dim=-1)
+
+
+@torch.no_grad()
+def decode_predictions(
+    predictions: Tensor,
+    anchors: Sequence[Sequence[float]],
+    image_size: int | Sequence[int],
+    conf_threshold: float = 0.005,
+    nms_iou: float = 0.45,
+    max_detections: int = 100,
+    pre_nms_top_k: int | None = 5000,
+) -> list[dict[str, Tensor]]:
+    """Detections per image from raw predictions ``[B, H, W, A, 5 + C]``.
+
+    Every (anchor, class) pair whose score ``sigmoid(to) * softmax(cls)[c]`` exceeds
+    ``conf_threshold`` is a candidate (as darknet's VOC evaluation, an anchor may yield
+    several classes); boxes are clipped to the image, then class-aware NMS
+    (``torchvision.ops.batched_nms``, IoU ``nms_iou``) keeps the best ``max_detections``.
+    ``pre_nms_top_k`` bounds the candidates per image fed to NMS (``None``: no bound).
+
+    Returns, per image, ``{"boxes": float32 [N, 4] x1, y1, x2, y2 pixels of the network
+    input of size image_size (int or (h, w)), "scores": float32 [N], "labels": int64 [N]}``,
+    sorted by decreasing score.
+    """
+    if predictions.dim() != 5:
+        raise ValueError(f"predictions must be [B, H, W, A, 5 + C], got shape {tuple(predictions.shape)}")
+    if not 0.0 <= conf_threshold < 1.0:
+        raise ValueError(f"conf_threshold must be in [0, 1), got {conf_threshold}")
+    if not 0.0 < nms_iou <= 1.0:
+        raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be >= 1, got {max_detections}")
+    if pre_nms_top_k is not None and pre_nms_top_k < 1:
+        raise ValueError(f"pre_nms_top_k must be >= 1 or None, got {pre_nms_top_k}")
+    if predictions.shape[-1] < 6:
+        raise ValueError(f"predictions' last dimension must be 5 + num_classes >= 6, got {predictions.shape[-1]}")
+    img_h, img_w = _pair(image_size, "image_size")
+    p = predictions.detach().float()
+    bsz, gh, gw = p.shape[:3]
+    stride = p.new_tensor([img_w / gw, img_h / gh, img_w / gw, img_h / gh])
+    boxes = cxcywh_to_xyxy(decode_boxes(p, anchors)) * stride
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0.0, float(img_w))
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0.0, float(img_h))
+    scores = torch.sigmoid(p[..., 4:5]) * torch.softmax(p[..., 5:], dim=-1)
+    num_classes = scores.shape[-1]
+    boxes, scores = boxes.reshape(bsz, -1, 4), scores.reshape(bsz, -1, num_classes)
+    results = []
+    for b in range(bsz):
+        idx, cls = torch.nonzero(scores[b] > conf_threshold, as_tuple=True)
+        s = scores[b, idx, cls]
+        if pre_nms_top_k is not None and s.numel() > pre_nms_top_k:
+            s, top = s.topk(pre_nms_top_k)
+            idx, cls = idx[top], cls[top]
+        bx = boxes[b, idx]
+        keep = torchvision.ops.batched_nms(bx, s, cls, nms_iou)[:max_detections]
+        results.append({"boxes": bx[keep], "scores": s[keep], "labels": cls[keep].long()})
+    return results
+
+
+def rescale_boxes(
+    boxes: Tensor,
+    original_size: Sequence[int],
+    input_size: int | Sequence[int],
+) -> Tensor:
+    """Map ``x1, y1, x2, y2`` pixel-edge boxes of the resized network input (``input_size``,
+    int or ``(h, w)``) to the original image of ``original_size`` ``(h, w)``, clipped to it.
+
+    Continuous pixel-edge coordinates in and out; for VOC 1-based inclusive coordinates use
+    :func:`resist_det.data.transforms.boxes_to_original`.
+    """
+    oh, ow = _pair(tuple(original_size), "original_size")
+    ih, iw = _pair(input_size, "input_size")
+    if boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [..., 4], got shape {tuple(boxes.shape)}")
+    boxes = boxes.float() if not boxes.is_floating_point() else boxes
+    scale = boxes.new_tensor([ow / iw, oh / ih, ow / iw, oh / ih])
+    out = boxes * scale
+    out[..., 0::2] = out[..., 0::2].clamp(0.0, float(ow))
+    out[..., 1::2] = out[..., 1::2].clamp(0.0, float(oh))
+    return out

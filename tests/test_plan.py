@@ -1,0 +1,71 @@
+"""The partition plan: coverage, depth, equal shares, determinism, keep-blocks assignment."""
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resist_det.resist.plan import blocks_per_worker, inclusion_probability, iter_plans, make_plan
+
+
+@st.composite
+def plan_args(draw):
+    n = draw(st.integers(1, 40))
+    s = draw(st.integers(1, 8))
+    m = draw(st.integers(1, n))
+    return draw(st.integers(0, 1000)), s, n, m
+
+
+@settings(max_examples=150, deadline=None)
+@given(plan_args(), st.integers(0, 4))
+def test_plan_properties(args, rnd):
+    seed, s, n, m = args
+    plan = make_plan(seed, rnd, s, n, m)
+    k = max(-(-n // s), m)
+    assert len(plan.groups) == s
+    for g in plan.groups:
+        assert len(g) == k >= m  # equal shares, at least the minimum depth
+        assert len(set(g)) == len(g) and list(g) == sorted(g)  # no block twice in one sub-ResNet
+        assert all(0 <= b < n for b in g)
+    held = set(itertools.chain.from_iterable(plan.groups))
+    assert held == set(range(n))  # every block is held by someone
+    counts = [sum(b in g for g in plan.groups) for b in range(n)]
+    assert max(counts) - min(counts) <= 1  # sharing is spread evenly
+    assert plan == make_plan(seed, rnd, s, n, m)  # pure: same on every rank
+
+
+def test_no_sharing_when_not_needed():
+    plan = make_plan(0, 0, 2, 22, 5)
+    assert [len(g) for g in plan.groups] == [11, 11]
+    assert not set(plan.groups[0]) & set(plan.groups[1])
+    assert inclusion_probability(2, 22, 5) == 0.5  # = 1/S, the paper's rule
+    assert blocks_per_worker(8, 22, 5) == 5 and inclusion_probability(8, 22, 5) == 5 / 22
+
+
+def test_rounds_differ_and_keep_blocks():
+    plans = list(itertools.islice(iter_plans(3, 4, 22, 5), 30))
+    assert len({p.groups for p in plans}) > 25  # fresh randomness every round
+    kept = []
+    for a, b in zip(plans, plans[1:]):
+        # The keep-blocks assignment is at least as good as any other rank order, e.g. identity.
+        best = sum(len(set(x) & set(y)) for x, y in zip(a.groups, b.groups))
+        for perm in itertools.permutations(range(4)):
+            assert best >= sum(len(set(a.groups[i]) & set(b.groups[j])) for i, j in enumerate(perm))
+        kept.append(best)
+    assert sum(kept) / len(kept) > 24 * 6 / 22  # better than a random rank order on average
+
+
+def test_make_plan_matches_sequence_and_seed():
+    seq = list(itertools.islice(iter_plans(5, 3, 10, 4), 6))
+    assert [make_plan(5, t, 3, 10, 4) for t in range(6)] == seq
+    assert make_plan(6, 0, 3, 10, 4) != seq[0]
+
+
+@pytest.mark.parametrize(
+    "s,n,m,msg",
+    [(0, 22, 5, "num_workers"), (2, 0, 1, "no partitionable blocks"), (2, 22, 23, "min_blocks"), (2, 22, 0, "min_blocks")],
+)
+def test_bad_plan_arguments(s, n, m, msg):
+    with pytest.raises(ValueError, match=msg):
+        make_plan(0, 0, s, n, m)
