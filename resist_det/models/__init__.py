@@ -18,3 +18,8 @@ __all__ = [
     "resnet",
     "seeded_init_",
 ]
+
+from .yolo import VOC_ANCHORS, YOLODetector, decode_predictions, rescale_boxes, yolo_resnet
+from .yolo_loss import YOLOv2Loss, assign_targets
+
+__all__ += ["VOC_ANCHORS", "YOLODetector", "YOLOv2Loss", "assign_targets", "decode_predictions", "rescale_boxes", "yolo_resnet"]

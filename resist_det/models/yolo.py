@@ -22,7 +22,9 @@ Boxes are continuous pixel-edge ``x1, y1, x2, y2`` of the network input (the fra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -35,6 +37,7 @@ from .resnet import TV_DEPTHS, resnet
 __all__ = [
     "VOC_ANCHORS",
     "YOLO_STRIDE",
+    "DetectionHead",
     "YOLODetector",
     "yolo_resnet",
     "decode_boxes",
@@ -82,6 +85,33 @@ def _check_multiple_of_stride(h: int, w: int, what: str) -> None:
         )
 
 
+class DetectionHead(nn.Conv2d):
+    """The detection layer: a 1x1 convolution to ``A * (5 + C)`` channels (anchor-major).
+
+    Knows its own initialisation (:meth:`seeded_reset_`): ``normal(0, 0.01)`` weights so that
+    the initial boxes are the anchors (a He-normal 1x1 conv gives ``tw`` a standard deviation
+    of 4 to 8 at init, hence boxes ``e^8`` times too large or small), zero biases except ``logit(objectness_prior)`` on the
+    objectness channels, so the ~1000 empty anchors start near "no object".
+    """
+
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int, objectness_prior: float = 0.1) -> None:
+        if not 0.0 < objectness_prior < 1.0:
+            raise ValueError(f"objectness_prior must be in (0, 1), got {objectness_prior}")
+        super().__init__(in_channels, num_anchors * (5 + num_classes), kernel_size=1)
+        self.num_anchors = num_anchors
+        self.num_classes = num_classes
+        self.objectness_prior = float(objectness_prior)
+
+    @torch.no_grad()
+    def seeded_reset_(self, generator: torch.Generator) -> None:
+        """Initialise in place, weights drawn from ``generator`` (a unit generator)."""
+        self.weight.normal_(0.0, 0.01, generator=generator)
+        bias = self.bias.view(self.num_anchors, 5 + self.num_classes)
+        bias.zero_()
+        p = self.objectness_prior
+        bias[:, 4] = math.log(p / (1.0 - p))
+
+
 class YOLODetector(nn.Module):
     """ResNet backbone + optional neck + 1x1 detection layer; see the module docstring.
 
@@ -114,8 +144,6 @@ class YOLODetector(nn.Module):
             raise TypeError(f"backbone must be a torchvision ResNet, got {type(backbone).__name__}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if not 0.0 < objectness_prior < 1.0:
-            raise ValueError(f"objectness_prior must be in (0, 1), got {objectness_prior}")
         if neck_channels < 0:
             raise ValueError(f"neck_channels must be >= 0, got {neck_channels}")
         _check_multiple_of_stride(*_pair(image_size, "image_size"), "image_size")
@@ -137,7 +165,7 @@ class YOLODetector(nn.Module):
                 feat = neck_channels
             else:
                 self.neck = nn.Identity()
-            self.head = nn.Conv2d(feat, self.num_anchors * (5 + self.num_classes), kernel_size=1)
+            self.head = DetectionHead(feat, self.num_anchors, self.num_classes, objectness_prior)
 
     @property
     def num_anchors(self) -> int:
@@ -145,19 +173,18 @@ class YOLODetector(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> YOLODetector:
-        """Initialise every unit from ``(seed, unit name)`` (:func:`init_network_`), then the head.
+        """Initialise every unit from ``(seed, unit name)`` (:func:`init_network_`), then the
+        head by :meth:`DetectionHead.seeded_reset_` from a fresh generator of ``(seed, "head")``.
 
-        The detection layer gets ``normal(0, 0.01)`` weights (its draws seeded by
-        ``(seed, "head")``) so that initial boxes are the anchors, zero biases except the
-        objectness biases, set to ``logit(objectness_prior)``.
+        Call :meth:`reset_head_` after materialising a meta-built detector unit by unit with
+        :func:`seeded_init_` alone (which gives the head a He-normal init).
         """
         init_network_(self, seed)
-        g = unit_generator(seed, "head")
-        self.head.weight.normal_(0.0, 0.01, generator=g)
-        bias = self.head.bias.view(self.num_anchors, 5 + self.num_classes)
-        bias.zero_()
-        p = self.objectness_prior
-        bias[:, 4] = float(torch.logit(torch.tensor(p)))
+        return self.reset_head_(seed)
+
+    def reset_head_(self, seed: int) -> YOLODetector:
+        """Re-initialise the detection layer only (see :class:`DetectionHead`)."""
+        self.head.seeded_reset_(unit_generator(seed, "head"))
         return self
 
     def features(self, images: Tensor) -> Tensor:
@@ -183,6 +210,7 @@ class YOLODetector(nn.Module):
         conf_threshold: float = 0.005,
         nms_iou: float = 0.45,
         max_detections: int = 100,
+        pre_nms_top_k: int | None = 5000,
     ) -> list[dict[str, Tensor]]:
         """:func:`decode_predictions` with this detector's anchors; ``image_size`` defaults to
         the grid size times 32 (the input that produced ``predictions``)."""
@@ -195,10 +223,11 @@ class YOLODetector(nn.Module):
             conf_threshold=conf_threshold,
             nms_iou=nms_iou,
             max_detections=max_detections,
+            pre_nms_top_k=pre_nms_top_k,
         )
 
     @torch.no_grad()
-    def predict(self, images: Tensor, **decode_kwargs: float) -> list[dict[str, Tensor]]:
+    def predict(self, images: Tensor, **decode_kwargs: Any) -> list[dict[str, Tensor]]:
         """Forward + :meth:`decode` (no grad; the caller chooses train/eval mode)."""
         return self.decode(self(images), (images.shape[-2], images.shape[-1]), **decode_kwargs)
 
