@@ -63,26 +63,11 @@ def test_seeded_init_blocks_and_head():
     assert det.head.weight.std() < 0.02  # anchors are the initial boxes
 
 
-@pytest.mark.xfail(
-    reason="seeded_init_ (models/init.py) has no per-module hook, so a meta-built detector "
-    "materialised unit by unit (make_sub_resnet) gets a He-normal head; reset_head_ must be called",
-    strict=False,
-)
 def test_meta_materialised_detector_matches_full_build():
     full = yolo_resnet(18, seed=3, image_size=64)
     meta = yolo_resnet(18, seed=3, image_size=64, device="meta").to_empty(device="cpu")
     for name, unit in network_units(meta):
         seeded_init_(unit, 3, name)
-    for (n, a), b in zip(full.state_dict().items(), meta.state_dict().values()):
-        assert torch.equal(a, b), n
-
-
-def test_reset_head_after_unit_materialisation():
-    full = yolo_resnet(18, seed=3, image_size=64)
-    meta = yolo_resnet(18, seed=3, image_size=64, device="meta").to_empty(device="cpu")
-    for name, unit in network_units(meta):
-        seeded_init_(unit, 3, name)
-    meta.reset_head_(3)
     for (n, a), b in zip(full.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(a, b), n
 

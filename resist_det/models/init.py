@@ -32,12 +32,15 @@ def seeded_init_(module: nn.Module, seed: int, unit: str) -> nn.Module:
     """Initialise every parameter of ``module`` in place from the generator of ``(seed, unit)``.
 
     Convolutions: He-normal (fan_out, ReLU) as torchvision's ResNets; norms: weight 1, bias 0;
-    linear layers: normal(0, 0.01) weights and zero bias.  Modules are visited in registration
+    linear layers: normal(0, 0.01) weights and zero bias; a module with a ``seeded_reset_(generator)``
+    method initialises itself.  Modules are visited in registration
     order, so the result does not depend on what surrounds ``module``.
     """
     g = unit_generator(seed, unit)
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if hasattr(m, "seeded_reset_"):
+            m.seeded_reset_(g)  # a layer with its own initialisation rule (e.g. a detection head)
+        elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
             if m.bias is not None:
                 m.bias.zero_()

@@ -31,7 +31,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import ResNet
 
-from .init import init_network_, unit_generator
+from .init import init_network_
 from .resnet import TV_DEPTHS, resnet
 
 __all__ = [
@@ -173,18 +173,9 @@ class YOLODetector(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> YOLODetector:
-        """Initialise every unit from ``(seed, unit name)`` (:func:`init_network_`), then the
-        head by :meth:`DetectionHead.seeded_reset_` from a fresh generator of ``(seed, "head")``.
-
-        Call :meth:`reset_head_` after materialising a meta-built detector unit by unit with
-        :func:`seeded_init_` alone (which gives the head a He-normal init).
-        """
+        """Initialise every unit from ``(seed, unit name)`` (:func:`init_network_`); the head
+        initialises itself through :meth:`DetectionHead.seeded_reset_`."""
         init_network_(self, seed)
-        return self.reset_head_(seed)
-
-    def reset_head_(self, seed: int) -> YOLODetector:
-        """Re-initialise the detection layer only (see :class:`DetectionHead`)."""
-        self.head.seeded_reset_(unit_generator(seed, "head"))
         return self
 
     def features(self, images: Tensor) -> Tensor:

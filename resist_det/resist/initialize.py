@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed
+from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 import torch
 from torch import nn
 
@@ -76,7 +77,12 @@ def initialize(
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     _check_same_config(rc)
 
-    grad_clip = 0.0 if rc.mode == "ddp" else float(ds_config.pop("gradient_clipping", 0.0) or 0.0)
+    grad_clip = 0.0
+    if rc.mode != "ddp":
+        # DeepSpeed clips by default and all-reduces the norm to do it; clip locally instead,
+        # with the value DeepSpeed would have used.
+        grad_clip = float(ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT) or 0.0)
+        ds_config["gradient_clipping"] = 0.0
     extra: dict[str, Any] = {}
     stash: list[dict[str, torch.Tensor]] = []
     if rc.mode == "resist":

@@ -1,0 +1,233 @@
+"""The ResIST engine on real gloo ranks, checked against plain training, DDP and exact means."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distributed import run_on_ranks
+
+LAYERS = [1, 1, 7, 1]  # 6 partitionable blocks in section 3
+WIDTH = 4
+
+
+def _net(seed=0, device=None, layers=LAYERS):
+    from resist_det.models import preact_resnet
+
+    return preact_resnet(layers=layers, num_classes=3, stem="cifar", base_width=WIDTH, seed=seed, device=device)
+
+
+def _cfg(lr=0.1, sgd_momentum=0.0, **resist):
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": sgd_momentum}},
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; compare unclipped training
+        "resist": resist,
+    }
+
+
+def _batch(gen):
+    return torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+
+
+def _train(engine, steps, gen):
+    for _ in range(steps):
+        x, y = _batch(gen)
+        loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+
+
+# ---- S = 1 equals plain training -------------------------------------------------------------
+def _s1_vs_plain(rank, world):
+    import resist_det
+
+    ref = _net(seed=1)
+    engine, *_ = resist_det.initialize(
+        model=_net(seed=1, device="meta"), config=_cfg(lr=0.05, sgd_momentum=0.9, local_steps=3, min_blocks=1, momentum="keep", seed=1)
+    )
+    opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    _train(engine, 7, g1)
+    for _ in range(7):
+        x, y = _batch(g2)
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    engine.synchronize()
+    net = engine.global_model()
+    return engine.round, net.state_dict(), ref.state_dict()
+
+
+def test_single_worker_equals_plain_training(tmp_path):
+    [(rounds, got, want)] = run_on_ranks(_s1_vs_plain, 1, tmp_path)
+    assert rounds == 3  # syncs after steps 3 and 6, and the explicit one
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+# ---- local SGD with L = 1 equals DDP ---------------------------------------------------------
+def _local_sgd_vs_ddp(rank, world):
+    import resist_det
+
+    out = {}
+    for mode in ("local_sgd", "ddp"):
+        engine, *_ = resist_det.initialize(model=_net(seed=2), config=_cfg(lr=0.1, mode=mode, local_steps=1))
+        _train(engine, 4, torch.Generator().manual_seed(100 + rank))  # different data per rank
+        out[mode] = {k: v.clone() for k, v in engine.module.named_parameters()}
+    return out
+
+
+def test_local_sgd_one_step_equals_ddp(tmp_path):
+    results = run_on_ranks(_local_sgd_vs_ddp, 2, tmp_path)
+    for out in results:
+        for k in out["ddp"]:
+            torch.testing.assert_close(out["local_sgd"][k], out["ddp"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert all(torch.equal(results[0]["ddp"][k], results[1]["ddp"][k]) for k in results[0]["ddp"])
+
+
+# ---- invariants of a synchronisation round ---------------------------------------------------
+def _snapshot(engine):
+    from resist_det.resist.sync import block_tensors
+
+    shared = {n: t.clone() for n, t in engine.module.state_dict().items() if ".slots." not in n and t.is_floating_point()}
+    blocks = {b: torch.cat([t.flatten() for t in block_tensors(s)]).clone() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+    return shared, blocks
+
+
+def _sync_rounds(rank, world, rounds, min_blocks):
+    import resist_det
+    from resist_det.resist.engine import memory_footprint
+
+    engine, optimizer, *_ = resist_det.initialize(
+        model=_net(seed=3, device="meta"), config=_cfg(sgd_momentum=0.9, local_steps=10_000, min_blocks=min_blocks, seed=4)
+    )
+    gen = torch.Generator().manual_seed(rank)
+    history = []
+    for _ in range(rounds):
+        _train(engine, 2, gen)
+        before = _snapshot(engine)
+        plan_before = engine.plan.groups
+        engine.synchronize()
+        history.append((plan_before, engine.plan.groups, before, _snapshot(engine)))
+    # What this rank holds: module, gradients and optimizer state cover only its own tensors.
+    module_params = {id(p) for p in engine.module.parameters()}
+    opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    _train(engine, 1, gen)  # momentum buffers exist now
+    x, y = _batch(gen)
+    engine.backward(F.cross_entropy(engine(x), y))  # gradients exist now (until the next step)
+    state_params = {id(p) for p in optimizer.state}
+    grad_params = {id(p) for p in engine.module.parameters() if p.grad is not None}
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    return dict(
+        history=history,
+        opt_is_module=opt_params == module_params,
+        state_in_module=state_params <= module_params and grad_params == module_params,
+        n_params=n_params,
+        n_slots=len(engine.section.slots),
+        memory=memory_footprint(engine),
+        scale=engine.residual_scale(),
+    )
+
+
+@pytest.mark.parametrize("world,min_blocks", [(2, 2), (4, 2)])
+def test_sync_invariants(tmp_path, world, min_blocks):
+    res = run_on_ranks(_sync_rounds, world, tmp_path, 3, min_blocks, timeout=300)
+    n_blocks = LAYERS[2] - 1
+    k = max(-(-n_blocks // world), min_blocks)
+    full = sum(p.numel() for p in _net().parameters())
+    block = sum(p.numel() for p in _net().layer3[1].parameters())
+    for t in range(3):
+        old_plans = {r["history"][t][0] for r in res}
+        new_plans = {r["history"][t][1] for r in res}
+        assert len(old_plans) == 1 and len(new_plans) == 1  # identical on every rank
+        old, new = old_plans.pop(), new_plans.pop()
+        assert set().union(*new) == set(range(n_blocks))  # every block held by someone
+        assert all(len(g) == k >= min_blocks for g in new)
+        pre = [r["history"][t][2] for r in res]
+        post = [r["history"][t][3] for r in res]
+        # Shared tensors: identical on all ranks, equal to the mean of the pre-sync copies.
+        for name in pre[0][0]:
+            mean = torch.stack([p[0][name] for p in pre]).mean(0)
+            for q in post:
+                torch.testing.assert_close(q[0][name], post[0][0][name], rtol=0, atol=0)
+                torch.testing.assert_close(q[0][name], mean, rtol=1e-6, atol=1e-7, msg=name)
+        # Each block now equals the mean over the ranks that held it before.
+        for rank, q in enumerate(post):
+            assert sorted(q[1]) == list(new[rank])
+            for b, value in q[1].items():
+                holders = [h for h in range(world) if b in old[h]]
+                mean = torch.stack([pre[h][1][b] for h in holders]).mean(0)
+                torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-7)
+        if world > 1:
+            assert any(len([h for h in range(world) if b in old[h]]) > 1 for b in range(n_blocks)) or world * k == n_blocks
+    for r in res:
+        # A rank holds the shared layers plus exactly k blocks: never a block it does not hold.
+        assert r["n_slots"] == k
+        assert r["n_params"] == full - (n_blocks - k) * block
+        assert r["opt_is_module"] and r["state_in_module"]
+        assert r["memory"]["parameters"] == 4 * r["n_params"]
+        assert r["memory"]["gradients"] == 4 * r["n_params"]
+        assert r["memory"]["optimizer_state"] == 4 * r["n_params"]  # SGD momentum buffers
+        assert r["scale"] == k / n_blocks
+
+
+# ---- the assembled global network ------------------------------------------------------------
+def _global(rank, world):
+    import resist_det
+
+    engine, *_ = resist_det.initialize(model=_net(seed=5, device="meta"), config=_cfg(local_steps=2, min_blocks=2))
+    _train(engine, 4, torch.Generator().manual_seed(rank))  # ends right after the 2nd sync
+    net = engine.global_model(dst=0)
+    mine = {engine.block_names[b]: s.state_dict() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    return mine, (net.eval()(x) if net is not None else None), (net.state_dict() if net is not None else None), (
+        {n: m.residual_scale for n, m in net.named_modules() if hasattr(m, "residual_scale")} if net is not None else None
+    )
+
+
+def test_global_model(tmp_path):
+    res = run_on_ranks(_global, 3, tmp_path)
+    _, out, state, scales = res[0]
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    ref = _net()
+    assert state.keys() == ref.state_dict().keys()  # an ordinary network, the original names
+    for rank, (mine, *_rest) in enumerate(res):
+        for name, block_state in mine.items():
+            for k, v in block_state.items():
+                if v.is_floating_point():  # (the integer BN step counter stays local)
+                    assert torch.equal(state[f"{name}.{k}"], v), (rank, name, k)
+    k = 2
+    assert scales["layer3.0"] == 1.0
+    assert all(scales[f"layer3.{i}"] == k / 6 for i in range(1, 7))
+
+
+# ---- bad input, before any training ---------------------------------------------------------
+def _expect_error(rank, world, cfg_by_rank, layers):
+    import resist_det
+
+    try:
+        resist_det.initialize(model=_net(layers=layers), config=cfg_by_rank[rank % len(cfg_by_rank)])
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize(
+    "cfgs,layers,world,msg",
+    [
+        ([_cfg(min_blocks=7)], LAYERS, 2, "min_blocks must be between 1 and the number of partitionable blocks \\(6\\)"),
+        ([_cfg(local_steps=0)], LAYERS, 1, "resist.local_steps: Input should be greater than or equal to 1"),
+        ([_cfg(local_stepz=3)], LAYERS, 1, "resist.local_stepz: unknown key"),
+        ([_cfg(mode="fast")], LAYERS, 1, "resist.mode"),
+        ([_cfg(local_steps=5), _cfg(local_steps=6)], LAYERS, 2, "different 'resist' config sections"),
+        ([_cfg()], [1, 1, 1, 1], 1, "no partitionable blocks.*use resist.mode 'local_sgd'"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, cfgs, layers, world, msg):
+    import re
+
+    errors = run_on_ranks(_expect_error, world, tmp_path, cfgs, layers)
+    assert all(e is not None and re.search(msg, e) for e in errors), errors
