@@ -15,3 +15,11 @@ __all__ = [
     "detection_transform",
     "write_shapes_dataset",
 ]
+
+from resist_det.data.classification import (  # noqa: E402
+    ClassificationInfo,
+    build_classification_dataset,
+    default_transform,
+)
+
+__all__ += ["ClassificationInfo", "build_classification_dataset", "default_transform"]
