@@ -4,10 +4,21 @@ Example::
 
     import resist_det
     engine, optimizer, _, _ = resist_det.initialize(model=net, model_parameters=net.parameters(), config=cfg)
+
+The engine (and DeepSpeed) is imported on first use, so ``import resist_det`` stays light.
 """
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .resist import Plan, ResISTConfig, ResISTEngine, initialize, make_plan  # noqa: E402
+_LAZY = {"initialize", "Plan", "ResISTConfig", "ResISTEngine", "make_plan"}
+__all__ = ["__version__", *sorted(_LAZY)]
 
-__all__ = ["__version__", "initialize", "Plan", "ResISTConfig", "ResISTEngine", "make_plan"]
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import resist
+
+        return getattr(resist, name)
+    raise AttributeError(f"module 'resist_det' has no attribute {name!r}")

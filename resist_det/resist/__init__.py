@@ -1,14 +1,16 @@
 """The ResIST algorithm, importable without the detector, datasets or CLI.
 
 ``initialize`` is the drop-in for ``deepspeed.initialize``; ``plan``, ``subnet`` and ``sync``
-are the pure pieces it is built from.
+are the pure pieces it is built from.  Names that need DeepSpeed load on first use.
 """
 
+from typing import Any
+
 from .config import ResISTConfig
-from .engine import ResISTEngine, memory_footprint
-from .initialize import initialize
 from .partition import partitionable_blocks, set_residual_scales
 from .plan import Plan, inclusion_probability, iter_plans, make_plan
+
+_LAZY = {"initialize": ".initialize", "ResISTEngine": ".engine", "memory_footprint": ".engine"}
 
 __all__ = [
     "Plan",
@@ -22,3 +24,11 @@ __all__ = [
     "partitionable_blocks",
     "set_residual_scales",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -44,16 +44,25 @@ class ResISTConfig(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def config_error(err: ValidationError, section: str = "resist") -> ValueError:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def config_error(err: ValidationError, section: str | None = "resist") -> ValueError:
     """One readable error naming every offending key."""
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in (section, *e["loc"]))
+        key = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"]))
         got = e.get("input")
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        elif not key:  # a check across keys
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"{key}: {e['msg']} (got {got!r})")
+            lines.append(f"{key}: {e['msg']} (got {_short(got)})")
     return ValueError("invalid config: " + "; ".join(lines))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,13 +26,14 @@ from torch import nn
 
 import deepspeed.comm as dist
 
+from ..io import atomic_torch_save
 from .config import ResISTConfig
 from .partition import set_residual_scales
 from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
 from .sync import average_tensors, gather_blocks, route_blocks
 
-__all__ = ["ResISTEngine", "memory_footprint"]
+__all__ = ["ResISTEngine", "memory_footprint", "rank_file"]
 
 
 class ResISTEngine:
@@ -83,7 +85,13 @@ class ResISTEngine:
             torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), self.grad_clip)
         before = self.engine.global_steps
         self.engine.step(**kwargs)
-        if self.config.mode == "ddp" or self.engine.global_steps == before:
+        if self.engine.global_steps == before:
+            return
+        if self.config.mode == "ddp":
+            # DeepSpeed all-reduced every gradient once for this step (ring costing).
+            g = self.world_size
+            grads = sum(p.numel() * p.element_size() for p in self.engine.module.parameters() if p.requires_grad)
+            self.bytes_sent += round(2 * (g - 1) / g * grads)
             return
         self.local_step += 1
         if self.local_step >= self.config.local_steps:
@@ -202,19 +210,83 @@ class ResISTEngine:
             "slot_blocks": list(self.section.slot_blocks) if self.section is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None, **kwargs: Any) -> bool:
+        """DeepSpeed's checkpoint (ResIST state in ``client_state["resist"]``) plus one file per rank.
+
+        DeepSpeed saves rank 0's module and optimizer only; under ResIST each rank holds other
+        blocks (and, mid-round, other weights), so each rank also writes its own module and
+        optimizer state, atomically.  Collective.
+        """
+        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
+        client_state = {**(client_state or {}), "resist": self.state_dict()}
+        ok = self.engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, **kwargs)
+        if self.config.mode != "ddp":
+            atomic_torch_save(
+                {
+                    "module": self.engine.module.state_dict(),
+                    "optimizer": self.engine.optimizer.state_dict(),
+                    "resist": self.state_dict(),
+                },
+                rank_file(save_dir, tag, self.rank),
+            )
+        dist.barrier()
+        return ok
+
+    def check_checkpoint(self, load_dir: str | Path, tag: str) -> dict[str, Any]:
+        """Read this rank's ResIST state from a checkpoint, refusing a different world size or
+        ``resist`` section; changes nothing."""
+        if self.config.mode == "ddp":
+            return {}
+        path = rank_file(load_dir, tag, self.rank)
+        saved = sorted(p.name for p in (Path(load_dir) / tag).glob("resist_rank*.pt"))
+        if len(saved) != self.world_size or not path.is_file():
+            raise ValueError(
+                f"checkpoint {Path(load_dir) / tag} was written by {len(saved)} ranks, but this run has {self.world_size}"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._check_state(state["resist"])
+        return state
+
+    def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
+        """Inverse of :meth:`save_checkpoint`; returns DeepSpeed's ``(path, client_state)``."""
+        if tag is None:
+            latest = Path(load_dir) / "latest"
+            if not latest.is_file():
+                raise FileNotFoundError(f"no checkpoint in {load_dir} (no 'latest' file)")
+            tag = latest.read_text().strip()
+        own = self.check_checkpoint(load_dir, tag)  # before anything is loaded
+        path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(load_dir) / tag}")
+        if own:
+            self.engine.module.load_state_dict(own["module"])
+            self.engine.optimizer.load_state_dict(own["optimizer"])
+            self.load_state_dict(own["resist"])
+        else:
+            self.load_state_dict(client["resist"])
+        return path, client
+
+    def _check_state(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"ResIST state was saved with world size {state['world_size']}, but this run has {self.world_size}"
             )
         if state["config_digest"] != self.config.digest():
             raise ValueError("ResIST state was saved with a different 'resist' config section")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_state(state)
         self.local_step = state["local_step"]
         self.bytes_sent = state["bytes_sent"]
         if self.config.mode == "resist":
             self._restart_plans(state["round"])
             self.section.assign(state["slot_blocks"])
         self.round = state["round"]
+
+
+def rank_file(checkpoint_dir: str | Path, tag: str, rank: int) -> Path:
+    """Where a rank keeps what only it holds (its sub-ResNet and optimizer state)."""
+    return Path(checkpoint_dir) / str(tag) / f"resist_rank{rank:02d}.pt"
 
 
 def memory_footprint(engine: ResISTEngine | Any) -> dict[str, int]:

@@ -1,0 +1,138 @@
+"""Recipes: one JSON schema with sections ``deepspeed``, ``resist``, ``model``, ``data``, ``train``.
+
+Validated once, at the edge (CLI or ``tools/train.py``), before any rank starts: an unknown
+key or a wrong type is one error naming the key.  ``deepspeed`` is passed to DeepSpeed as
+it is (DeepSpeed validates it); ``resist`` is :class:`resist_det.resist.config.ResISTConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .resist.config import ResISTConfig, config_error
+
+__all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    """The network: a YOLOv2-style detector or a pre-activation ResNet classifier."""
+
+    kind: Literal["yolo", "preact_resnet"]
+    depth: int | None = Field(101, description="ResNet depth (detector backbone: 18/34/50/101/152)")
+    block: Literal["basic", "bottleneck"] | None = Field(None, description="pre-activation block kind (default: by depth)")
+    layers: list[int] | None = Field(None, description="custom blocks per section (pre-activation nets)")
+    base_width: int = Field(64, ge=1, description="section-1 width of pre-activation nets")
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    image_size: int = Field(448, ge=32, description="detector input size, a multiple of 32")
+    neck_channels: int = Field(0, ge=0, description="detector: 3x3 conv width before the 1x1 head (0: none)")
+    seed: int = Field(0, ge=0, description="weight initialisation seed")
+
+
+class DataConfig(_Strict):
+    """Where the data lives (never downloaded) and how it is read."""
+
+    kind: Literal["voc", "cifar10", "cifar100", "imagenet", "fashion_mnist", "mnist"]
+    root: str = Field(..., description="dataset folder (VOCdevkit, cifar-10-batches-py, ...)")
+    train_sets: list[tuple[str, str]] = Field(
+        default_factory=lambda: [("2007", "trainval"), ("2012", "trainval")], description="VOC (year, split) pairs to train on"
+    )
+    test_sets: list[tuple[str, str]] = Field(default_factory=lambda: [("2007", "test")], description="VOC (year, split) pairs to evaluate on")
+    classes: list[str] | None = Field(None, description="VOC class names (default: the 20 VOC classes)")
+    augment: bool = Field(False, description="training augmentation (the paper's VOC recipe: off)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training images (smoke runs)")
+    limit_test: int | None = Field(None, ge=1, description="evaluate on the first N test images")
+
+
+class LRSchedule(_Strict):
+    """Linear warm-up from ``warmup_start_lr`` to the optimizer's lr, then step decay."""
+
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_lr: float = Field(0.0, ge=0)
+    milestones: list[float] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(..., ge=1)
+    lr_schedule: LRSchedule = Field(default_factory=LRSchedule)
+    eval_every: int = Field(1, ge=1, description="evaluate the global network every N epochs (and at the end)")
+    checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs (and at the end)")
+    log_every: int = Field(10, ge=1, description="log the training loss every N steps")
+    output_dir: str = Field("runs/run", description="checkpoints, metrics.jsonl and the resolved recipe go here")
+    seed: int = Field(0, ge=0, description="data order seed")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
+    conf_threshold: float = Field(0.005, ge=0, le=1, description="detector: score threshold at evaluation")
+
+
+class Recipe(_Strict):
+    """A whole training recipe."""
+
+    deepspeed: dict[str, Any]
+    resist: ResISTConfig = Field(default_factory=ResISTConfig)
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.model.kind == "yolo" and self.data.kind != "voc":
+            raise ValueError(f"model.kind 'yolo' needs data.kind 'voc', got {self.data.kind!r}")
+        if self.model.kind == "preact_resnet" and self.data.kind == "voc":
+            raise ValueError("model.kind 'preact_resnet' is a classifier; data.kind 'voc' needs model.kind 'yolo'")
+        if self.model.kind == "yolo" and self.model.image_size % 32:
+            raise ValueError(f"model.image_size must be a multiple of 32, got {self.model.image_size}")
+        if "train_micro_batch_size_per_gpu" not in self.deepspeed:
+            raise ValueError("deepspeed.train_micro_batch_size_per_gpu is required (the batch per worker)")
+        if "resist" in self.deepspeed:
+            raise ValueError("put the resist section at the top level of the recipe, not inside deepspeed")
+        return self
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The config for :func:`resist_det.initialize`: DeepSpeed's section plus ``resist``."""
+        return {**self.deepspeed, "resist": self.resist.model_dump()}
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.deepspeed["train_micro_batch_size_per_gpu"])
+
+    @property
+    def base_lr(self) -> float:
+        return float(((self.deepspeed.get("optimizer") or {}).get("params") or {}).get("lr", 0.1))
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe (JSON path or dict); ``overrides`` maps dotted keys to values.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file or key.
+    """
+    where = "recipe"
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    else:
+        data = json.loads(json.dumps(source))
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return Recipe(**data)
+    except ValidationError as e:
+        raise ValueError(f"{where}: {config_error(e, section=None)}") from None

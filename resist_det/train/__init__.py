@@ -1,0 +1,1 @@
+"""Training: the loop shared by ``tools/train.py`` and the CLI, schedules, metrics, checkpoints."""

@@ -1,0 +1,223 @@
+"""The training loop shared by ``tools/train.py`` and ``resist-det train``.
+
+Runs under ``deepspeed --num_gpus N``, ``torchrun --nproc_per_node N``, DeepSpeed hostfiles,
+or as a single process; gloo on CPU, NCCL on GPU.  Every epoch ends at a round boundary (a
+sync), so evaluation of the assembled global network and checkpoints see agreeing copies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from ..config import Recipe
+from ..io import atomic_torch_save, atomic_write_json
+from .metrics import MetricsLog, Progress
+from .schedule import learning_rate
+from .tasks import build_task
+
+__all__ = ["train", "init_distributed", "checkpoint_dir", "GLOBAL_MODEL_FILE"]
+
+GLOBAL_MODEL_FILE = "global_model.pt"
+
+
+def checkpoint_dir(recipe: Recipe) -> Path:
+    return Path(recipe.train.output_dir) / "checkpoints"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-process group when run alone."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python tools/train.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def _sum_over_ranks(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    tdist.all_reduce(t)  # monitoring only: not part of the algorithm's traffic
+    return float(t.item())
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    """Train ``recipe`` on this process's rank; returns the final summary on rank 0."""
+    import resist_det
+    from ..resist.engine import memory_footprint
+
+    rank, world = init_distributed()
+    out = Path(recipe.train.output_dir)
+    ckpt = checkpoint_dir(recipe)
+    torch.manual_seed(recipe.train.seed)
+    task = build_task(recipe)
+    model = task.make_model("meta" if recipe.resist.mode == "resist" else None)
+    engine, _, _, _ = resist_det.initialize(model=model, config=recipe.deepspeed_config())
+
+    batch = recipe.batch_size
+    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=recipe.train.seed, drop_last=True)
+    loader = DataLoader(
+        task.train_set, batch_size=batch, sampler=sampler, collate_fn=task.collate,
+        num_workers=recipe.data.num_workers, drop_last=True,
+    )
+    steps_per_epoch = len(loader)
+    if recipe.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, recipe.train.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training set ({len(task.train_set)} images) is smaller than one batch per rank "
+            f"({batch} x {world} ranks)"
+        )
+
+    start_epoch, wall_before = 0, 0.0
+    if resume:
+        _, client = engine.load_checkpoint(ckpt)
+        start_epoch, wall_before = client["epoch"] + 1, client["wall"]
+    elif rank == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if rank == 0:
+        atomic_write_json(out / "recipe.json", recipe.model_dump(mode="json"))
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    bar = Progress(recipe.train.epochs, steps_per_epoch, enabled=progress and rank == 0, start_epoch=start_epoch)
+    if rank == 0 and start_epoch == 0:
+        log.write(event="start", mode=recipe.resist.mode, world_size=world, steps_per_epoch=steps_per_epoch,
+                  batch_per_rank=batch, epochs=recipe.train.epochs)
+
+    summary: dict[str, Any] = {}
+    memory: dict[str, int] = {}
+    t_start = time.perf_counter() - wall_before
+    for epoch in range(start_epoch, recipe.train.epochs):
+        sampler.set_epoch(epoch)
+        engine.train()
+        loss_sum, seen = 0.0, 0
+        for i, data in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            lr = learning_rate(recipe.train.lr_schedule, recipe.base_lr, epoch + i / steps_per_epoch)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = task.batch(data)
+            loss = task.loss_fn(engine(x), y)
+            engine.backward(loss)
+            if i == 1 or not memory:  # gradients (and, after step 1, momentum) are present here
+                memory = max(memory, memory_footprint(engine), key=lambda m: m.get("total", 0))
+            engine.step()
+            value = loss.item()
+            loss_sum += value
+            seen += 1
+            bar.update(epoch, i + 1, loss=value, round=engine.round, bytes_sent=engine.bytes_sent * world)
+            if (i + 1) % recipe.train.log_every == 0:
+                log.write(event="step", epoch=epoch, step=i + 1, loss=value, lr=lr, round=engine.round)
+        engine.synchronize()  # end the epoch on a round boundary (a no-op for ddp)
+        wall = time.perf_counter() - t_start
+        bytes_total = _sum_over_ranks(engine.bytes_sent)
+        record = dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(loss_sum / max(seen, 1)) / world,
+                      round=engine.round, bytes=bytes_total, wall=wall,
+                      memory=_max_over_ranks(memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
+        last = epoch == recipe.train.epochs - 1
+        if last or (epoch + 1) % recipe.train.eval_every == 0:
+            net = engine.global_model(dst=0)
+            if rank == 0:
+                t_eval = time.perf_counter()
+                metrics = task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
+                record.update(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
+                save_global_model(out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics)
+            del net
+        if rank == 0:
+            log.write(**record)
+            bar.epoch_done(epoch, record)
+            summary = record
+        if last or (epoch + 1) % recipe.train.checkpoint_every == 0:
+            engine.save_checkpoint(ckpt, tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "wall": wall})
+        tdist.barrier()
+        t_start += _eval_time(record)
+    bar.close()
+    if rank == 0:
+        summary = {**summary, "mode": recipe.resist.mode, "world_size": world, "main_metric": task.main_metric}
+        atomic_write_json(out / "summary.json", summary)
+        return summary
+    return None
+
+
+def _eval_time(record: dict[str, Any]) -> float:
+    # Wall time counts training and communication, not evaluation (like the paper's timings).
+    t = torch.tensor([float(record.get("eval_seconds", 0.0))], dtype=torch.float64)
+    tdist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any]) -> None:
+    """The assembled global network with its residual scales and recipe (``resist-det eval`` reads it)."""
+    from ..resist.partition import residual_scales
+
+    atomic_torch_save(
+        {
+            "model": net.state_dict(),
+            "residual_scales": residual_scales(net),
+            "recipe": recipe.model_dump(mode="json"),
+            "epoch": epoch,
+            "metrics": metrics,
+        },
+        path,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m resist_det.train RECIPE [--resume] [--set key=value ...]`` (also under launchers)."""
+    import argparse
+
+    from ..config import load_recipe
+
+    p = argparse.ArgumentParser(prog="tools/train.py", description="Train a resist_det recipe on this rank.")
+    p.add_argument("recipe", help="recipe JSON (deepspeed / resist / model / data / train sections)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (JSON value)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, parse_overrides(args.set))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(recipe, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "data.root=\\"/x\\""]`` -> ``{"train.epochs": 3, "data.root": "/x"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string
+    return out

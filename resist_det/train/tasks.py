@@ -1,0 +1,177 @@
+"""What a recipe trains: the network, its data, its loss and how it is evaluated.
+
+Two tasks share the training loop: VOC-format detection (YOLOv2-style detector) and image
+classification (pre-activation ResNets).  Each is a small object with the same surface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config import Recipe
+
+__all__ = ["Task", "build_task", "check_data"]
+
+
+@dataclass
+class Task:
+    """A recipe's network and data, with its loss and evaluation."""
+
+    kind: str  # "detection" or "classification"
+    train_set: Dataset
+    test_set: Dataset
+    num_classes: int
+    class_names: list[str]
+    collate: Callable | None
+    make_model: Callable[[str | None], nn.Module]  # device -> model (device "meta": structure only)
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    main_metric: str  # the metric reported as the result ("map_07" or "accuracy")
+
+    def batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        images, targets = batch
+        return images, targets
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batch_size: int, conf_threshold: float = 0.005) -> dict[str, Any]:
+        """Metrics of ``model`` on the test set (the assembled global network, in eval mode)."""
+        model.eval()
+        loader = DataLoader(self.test_set, batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        if self.kind == "classification":
+            return _evaluate_classifier(model, loader, self.loss_fn)
+        return _evaluate_detector(model, loader, self, conf_threshold)
+
+
+def _evaluate_classifier(model: nn.Module, loader: DataLoader, loss_fn) -> dict[str, Any]:
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += float(loss_fn(out, y)) * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    return {"accuracy": correct / total, "test_loss": loss_sum / total, "num_test": total}
+
+
+def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_threshold: float) -> dict[str, Any]:
+    from ..data.transforms import boxes_to_original
+    from ..eval.voc_ap import evaluate_detections
+
+    base = task.test_set.dataset if isinstance(task.test_set, Subset) else task.test_set
+    indices = task.test_set.indices if isinstance(task.test_set, Subset) else range(len(base))
+    detections, loss_sum, n = [], 0.0, 0
+    for images, targets in loader:
+        pred = model(images)
+        loss_sum += float(task.loss_fn(pred, targets)) * len(targets)
+        n += len(targets)
+        size = (images.shape[-2], images.shape[-1])
+        for det, tgt in zip(model.decode(pred, size, conf_threshold=conf_threshold), targets):
+            detections.append(
+                {
+                    "boxes": boxes_to_original(det["boxes"], size, tuple(tgt["size"])),
+                    "scores": det["scores"].numpy(),
+                    "labels": det["labels"].numpy(),
+                }
+            )
+    truths = [base.get_annotation(i) for i in indices]
+    result = evaluate_detections(detections, truths, task.num_classes, class_names=task.class_names)
+    out = result.to_dict()
+    out.update(test_loss=loss_sum / max(n, 1), num_test=n)
+    return out
+
+
+def _limit(ds: Dataset, n: int | None) -> Dataset:
+    return Subset(ds, range(min(n, len(ds)))) if n is not None else ds
+
+
+def check_data(recipe: Recipe) -> None:
+    """Fail early (before ranks start) when the dataset folder is missing."""
+    from pathlib import Path
+
+    root = Path(recipe.data.root)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"data.root: dataset folder not found: {root} (datasets are never downloaded; "
+            f"put the {recipe.data.kind} data there or change data.root)"
+        )
+
+
+def build_task(recipe: Recipe) -> Task:
+    """Datasets (read from disk, never downloaded), model factory and loss for ``recipe``."""
+    check_data(recipe)
+    if recipe.model.kind == "yolo":
+        return _detection_task(recipe)
+    return _classification_task(recipe)
+
+
+def _detection_task(recipe: Recipe) -> Task:
+    from ..data.transforms import detection_transform
+    from ..data.voc import VOC_CLASSES, VOCDetection, collate_detection, collect_classes
+    from ..models.yolo import yolo_resnet
+    from ..models.yolo_loss import YOLOv2Loss
+
+    d, m = recipe.data, recipe.model
+    classes = list(d.classes) if d.classes else list(VOC_CLASSES)
+    if d.classes == []:
+        classes = list(collect_classes(d.root, d.train_sets))
+    size = m.image_size
+    train = VOCDetection(d.root, d.train_sets, classes, detection_transform(size, augment=d.augment, seed=recipe.train.seed))
+    test = VOCDetection(d.root, d.test_sets, classes, detection_transform(size))
+    loss = YOLOv2Loss(num_classes=len(classes))
+
+    def make_model(device: str | None) -> nn.Module:
+        return yolo_resnet(m.depth or 101, num_classes=len(classes), image_size=size, neck_channels=m.neck_channels, seed=m.seed, device=device)
+
+    return Task(
+        kind="detection",
+        train_set=_limit(train, d.limit_train),
+        test_set=_limit(test, d.limit_test),
+        num_classes=len(classes),
+        class_names=classes,
+        collate=collate_detection,
+        make_model=make_model,
+        loss_fn=lambda pred, targets: loss(pred, targets)[0],
+        main_metric="map_07",
+    )
+
+
+def _classification_task(recipe: Recipe) -> Task:
+    from ..data.classification import build_classification_dataset
+    from ..models.preact_resnet import preact_resnet
+
+    d, m = recipe.data, recipe.model
+    train, meta = build_classification_dataset(d.kind, d.root, "train", augment=d.augment)
+    test, _ = build_classification_dataset(d.kind, d.root, "test", augment=False)
+    num_classes, in_channels = meta["num_classes"], meta["in_channels"]
+
+    def make_model(device: str | None) -> nn.Module:
+        return preact_resnet(
+            m.depth if m.layers is None else None,
+            layers=m.layers,
+            block=m.block,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            stem=m.stem,
+            base_width=m.base_width,
+            seed=m.seed,
+            device=device,
+        )
+
+    return Task(
+        kind="classification",
+        train_set=_limit(train, d.limit_train),
+        test_set=_limit(test, d.limit_test),
+        num_classes=num_classes,
+        class_names=[str(i) for i in range(num_classes)],
+        collate=None,
+        make_model=make_model,
+        loss_fn=F.cross_entropy,
+        main_metric="accuracy",
+    )
