@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Plan", "make_plan", "iter_plans", "blocks_per_worker", "inclusion_probability", "check_plan_args"]
+__all__ = ["Plan", "make_plan", "iter_plans", "reducer_of", "p2p_sends", "blocks_per_worker", "inclusion_probability", "check_plan_args"]
 
 
 @dataclass(frozen=True)
@@ -113,3 +113,28 @@ def make_plan(seed: int, round: int, num_workers: int, num_blocks: int, min_bloc
     if round < 0:
         raise ValueError(f"round must be >= 0, but got {round}")
     return next(iter_plans(seed, num_workers, num_blocks, min_blocks, start=round))
+
+
+def reducer_of(block: int, old: Plan, new: Plan) -> int:
+    """The rank that averages ``block`` at the sync from ``old`` to ``new``: a previous holder
+    that also holds it next if there is one (its copy then never travels)."""
+    old_h, new_h = old.holders(block), set(new.holders(block))
+    both = [r for r in old_h if r in new_h]
+    return both[0] if both else old_h[0]
+
+
+def p2p_sends(old: Plan, new: Plan) -> list[int]:
+    """Point-to-point block messages each rank sends at the sync from ``old`` to ``new``.
+
+    A block's other holders send it to its reducer; the reducer sends the average to every
+    next holder but itself.
+    """
+    sends = [0] * old.num_workers
+    num_blocks = 1 + max(max(g) for g in old.groups)
+    for b in range(num_blocks):
+        r = reducer_of(b, old, new)
+        for h in old.holders(b):
+            if h != r:
+                sends[h] += 1
+        sends[r] += sum(1 for h in new.holders(b) if h != r)
+    return sends

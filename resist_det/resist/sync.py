@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .plan import Plan
+from .plan import Plan, reducer_of
 
 __all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
 
@@ -67,13 +67,6 @@ def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, 
             t.copy_(avg)
         sent += round(2 * (world - 1) / world * flat.numel() * flat.element_size())
     return sent
-
-
-def reducer_of(block: int, old: Plan, new: Plan) -> int:
-    """The rank that averages ``block``: a previous holder that also holds it next if possible."""
-    old_h, new_h = old.holders(block), set(new.holders(block))
-    both = [r for r in old_h if r in new_h]
-    return both[0] if both else old_h[0]
 
 
 def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> int:

@@ -6,11 +6,9 @@ classification (pre-activation ResNets).  Each is a small object with the same s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +24,7 @@ class Task:
     """A recipe's network and data, with its loss and evaluation."""
 
     kind: str  # "detection" or "classification"
-    train_set: Dataset
+    train_set: Dataset | None  # None when built for evaluation only
     test_set: Dataset
     num_classes: int
     class_names: list[str]
@@ -103,15 +101,15 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
-def build_task(recipe: Recipe) -> Task:
+def build_task(recipe: Recipe, *, with_train: bool = True) -> Task:
     """Datasets (read from disk, never downloaded), model factory and loss for ``recipe``."""
     check_data(recipe)
     if recipe.model.kind == "yolo":
-        return _detection_task(recipe)
-    return _classification_task(recipe)
+        return _detection_task(recipe, with_train)
+    return _classification_task(recipe, with_train)
 
 
-def _detection_task(recipe: Recipe) -> Task:
+def _detection_task(recipe: Recipe, with_train: bool) -> Task:
     from ..data.transforms import detection_transform
     from ..data.voc import VOC_CLASSES, VOCDetection, collate_detection, collect_classes
     from ..models.yolo import yolo_resnet
@@ -122,7 +120,9 @@ def _detection_task(recipe: Recipe) -> Task:
     if d.classes == []:
         classes = list(collect_classes(d.root, d.train_sets))
     size = m.image_size
-    train = VOCDetection(d.root, d.train_sets, classes, detection_transform(size, augment=d.augment, seed=recipe.train.seed))
+    train = None
+    if with_train:
+        train = VOCDetection(d.root, d.train_sets, classes, detection_transform(size, augment=d.augment, seed=recipe.train.seed))
     test = VOCDetection(d.root, d.test_sets, classes, detection_transform(size))
     loss = YOLOv2Loss(num_classes=len(classes))
 
@@ -131,7 +131,7 @@ def _detection_task(recipe: Recipe) -> Task:
 
     return Task(
         kind="detection",
-        train_set=_limit(train, d.limit_train),
+        train_set=_limit(train, d.limit_train) if train is not None else None,
         test_set=_limit(test, d.limit_test),
         num_classes=len(classes),
         class_names=classes,
@@ -142,14 +142,14 @@ def _detection_task(recipe: Recipe) -> Task:
     )
 
 
-def _classification_task(recipe: Recipe) -> Task:
+def _classification_task(recipe: Recipe, with_train: bool) -> Task:
     from ..data.classification import build_classification_dataset
     from ..models.preact_resnet import preact_resnet
 
     d, m = recipe.data, recipe.model
-    train, meta = build_classification_dataset(d.kind, d.root, "train", augment=d.augment)
-    test, _ = build_classification_dataset(d.kind, d.root, "test", augment=False)
-    num_classes, in_channels = meta["num_classes"], meta["in_channels"]
+    train = build_classification_dataset(d.kind, d.root, "train", augment=d.augment)[0] if with_train else None
+    test, info = build_classification_dataset(d.kind, d.root, "test", augment=False)
+    num_classes, in_channels = info.num_classes, info.in_channels
 
     def make_model(device: str | None) -> nn.Module:
         return preact_resnet(
@@ -166,7 +166,7 @@ def _classification_task(recipe: Recipe) -> Task:
 
     return Task(
         kind="classification",
-        train_set=_limit(train, d.limit_train),
+        train_set=_limit(train, d.limit_train) if train is not None else None,
         test_set=_limit(test, d.limit_test),
         num_classes=num_classes,
         class_names=[str(i) for i in range(num_classes)],

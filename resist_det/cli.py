@@ -1,0 +1,197 @@
+"""``resist-det``: train, evaluate, plan, benchmark and demo ResIST from the command line.
+
+Each command is a thin call into the library; a user mistake is one line on stderr and exit
+code 1 (or 2 for bad usage), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="ResIST distributed training of ResNets and ResNet detectors.")
+data_app = typer.Typer(no_args_is_help=True, help="Make or inspect datasets.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code=1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"resist-det {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+) -> None:
+    """ResIST: layer-wise decomposition of ResNets for communication-efficient distributed training."""
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    from .train.loop import parse_overrides
+
+    return parse_overrides(items)
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe JSON file, or the name of a shipped recipe (e.g. demo_shapes).")],
+    nproc: Annotated[int, typer.Option(min=1, help="Ranks to start on this machine (ignored inside a launcher).")] = 1,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the recipe's output_dir.")] = False,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3.")] = [],  # noqa: B006
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0.")] = True,
+) -> None:
+    """Train a recipe on N local ranks (CPU: gloo, GPU: NCCL), or on this rank inside a launcher."""
+    from .train.launch import launch
+
+    try:
+        code = launch(recipe, nproc=nproc, resume=resume, overrides=_overrides(set_), progress=progress)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code=code)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="global_model.pt of a training run, or its output_dir.")],
+    data: Annotated[Optional[str], typer.Option(help="Dataset root (VOCdevkit); default: the recipe's.")] = None,
+    year: Annotated[Optional[str], typer.Option(help="VOC year of the test set, e.g. 2007.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="VOC split of the test set, e.g. test.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: next to the checkpoint).")] = None,
+) -> None:
+    """Evaluate a trained global network: per-class AP table and mAP (VOC07 11-point and all-point)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .io import atomic_write_json
+    from .train.evaluate import evaluate_checkpoint
+
+    try:
+        report = evaluate_checkpoint(checkpoint, data_root=data, year=year, split=split, limit=limit)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    m = report["metrics"]
+    console = Console()
+    if "per_class" in m:
+        table = Table(title=f"VOC AP ({report['data']['test_sets']}, {m['num_test']} images, IoU > 0.5)")
+        for col in ("class", "AP (07 11-pt)", "AP (all-pt)", "objects", "detections"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for name, row in m["per_class"].items():
+            table.add_row(name, f"{row['ap_07']:.4f}", f"{row['ap_all']:.4f}", str(row["npos"]), str(row["num_detections"]))
+        table.add_row("[bold]mAP", f"[bold]{m['map_07']:.4f}", f"[bold]{m['map_all']:.4f}", "", "")
+        console.print(table)
+    else:
+        console.print(f"accuracy {m['accuracy']:.4f} on {m['num_test']} images")
+    console.print(f"test loss {m['test_loss']:.4f}")
+    target = out or Path(report["checkpoint"]).with_name("eval_report.json")
+    atomic_write_json(target, report)
+    console.print(f"report: {target}")
+
+
+@app.command()
+def plan(
+    workers: Annotated[int, typer.Option("--workers", "-S", min=1, help="Number of sub-ResNets (ranks).")] = 4,
+    model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth> or yolo-resnet<depth>.")] = "cifar-resnet101",
+    min_blocks: Annotated[int, typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet.")] = 5,
+    seed: Annotated[int, typer.Option(help="Plan seed.")] = 0,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds to show.")] = 3,
+) -> None:
+    """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .resist.accounting import plan_report
+
+    try:
+        rep = plan_report(model, workers, min_blocks=min_blocks, seed=seed, rounds=rounds)
+    except (ValueError, KeyError) as e:
+        raise _fail(str(e)) from None
+    console = Console()
+    console.print(
+        f"{rep['model']}: {rep['num_blocks']} partitionable blocks of {rep['block_params']:,} parameters; "
+        f"shared {rep['shared_params']:,} of {rep['total_params']:,} parameters"
+    )
+    console.print(f"each sub-ResNet: {rep['blocks_per_worker']} partitioned blocks, depth {rep['depth']} of {rep['full_depth']} blocks; "
+                  f"residual scale of the global network {rep['scale']:.4f}")
+    for r in rep["rounds"]:
+        table = Table(title=f"round {r['round']}")
+        table.add_column("rank", justify="right")
+        table.add_column("blocks held")
+        for rank, g in enumerate(r["groups"]):
+            table.add_row(str(rank), " ".join(str(b) for b in g))
+        console.print(table)
+        if r["bytes"] is not None:
+            console.print(f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
+                          f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f})")
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="Folder to write (a VOCdevkit tree is created inside).")],
+    images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 1200,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic VOC-format set of coloured shapes (JPEGs, XML annotations, ImageSets)."""
+    from .data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(out, images, image_size=size, seed=seed)
+    typer.echo(f"wrote {images} images to {root}")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (each with a metrics.jsonl).")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("runs/plot.png"),
+) -> None:
+    """Plot the evaluation metric against bytes communicated and against wall time."""
+    from .train.plot import plot_runs
+
+    try:
+        typer.echo(f"wrote {plot_runs(runs, out)}")
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where data, runs and the plot go.")] = Path("runs/demo"),
+    nproc: Annotated[int, typer.Option(min=1, help="Ranks per training run.")] = 2,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs per run (default: the recipe's).")] = None,
+) -> None:
+    """ResIST vs local SGD on a synthetic shapes set: trains both, prints a table, writes a PNG."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .train.demo import run_demo
+    from .train.metrics import human_bytes
+
+    try:
+        res = run_demo(out, nproc=nproc, epochs=epochs)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    table = Table(title=f"ResIST vs local SGD, shapes detection, {nproc} CPU ranks")
+    for col in ("mode", "mAP (VOC07)", "mAP (all-pt)", "train wall (s)", "bytes sent", "memory / rank", "peak RSS / rank"):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for mode, s in res["runs"].items():
+        m = s.get("metrics", {})
+        table.add_row(mode, f"{m.get('map_07', float('nan')):.4f}", f"{m.get('map_all', float('nan')):.4f}", f"{s['wall']:.1f}",
+                      human_bytes(s["bytes"]), human_bytes(s["memory"]), human_bytes(s["peak_rss"]))
+    Console().print(table)
+    typer.echo(f"plot: {res['plot']}")
+    (Path(out) / "demo_summary.json").write_text(json.dumps(res, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,90 @@
+"""Predicted sizes of a ResIST run: parameters per sub-ResNet and bytes per sync round.
+
+The prediction uses the costing of :mod:`resist_det.resist.sync` (ring all-reduce:
+``2 (g - 1) / g`` of the message per rank; point-to-point: the message on the sender);
+``resist-det bench`` measures the same quantities from DeepSpeed's comms logger.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+from torch import nn
+
+from .partition import partitionable_blocks
+from .plan import blocks_per_worker, inclusion_probability, iter_plans, p2p_sends
+
+__all__ = ["build_named_model", "split_sizes", "plan_report"]
+
+
+def build_named_model(name: str, num_classes: int = 100) -> nn.Module:
+    """A network by name, on the meta device: ``cifar-resnet101``, ``preact-resnet<d>``, ``yolo-resnet<d>``."""
+    m = re.fullmatch(r"(cifar-resnet101|preact-resnet(\d+)|yolo-resnet(\d+)|resnet(\d+))", name)
+    if m is None:
+        raise ValueError(f"--model must be cifar-resnet101, preact-resnet<depth>, resnet<depth> or yolo-resnet<depth>, got {name!r}")
+    if name == "cifar-resnet101":
+        from ..models.preact_resnet import cifar_preact_resnet101
+
+        return cifar_preact_resnet101(num_classes, device="meta")
+    if m.group(2):
+        from ..models.preact_resnet import preact_resnet
+
+        return preact_resnet(int(m.group(2)), num_classes=num_classes, device="meta")
+    if m.group(4):
+        from ..models.resnet import resnet
+
+        return resnet(int(m.group(4)), num_classes=num_classes, device="meta")
+    from ..models.yolo import yolo_resnet
+
+    return yolo_resnet(int(m.group(3)), num_classes=20, device="meta")
+
+
+def _tensor_elems(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers() if b.is_floating_point())
+
+
+def split_sizes(model: nn.Module, pattern: str | None = None) -> dict[str, int]:
+    """Elements (parameters + float buffers) of one partitioned block, the shared part, the whole."""
+    names = partitionable_blocks(model, pattern)
+    modules = dict(model.named_modules())
+    block = _tensor_elems(modules[names[0]]) if names else 0
+    total = _tensor_elems(model)
+    return {"num_blocks": len(names), "block": block, "shared": total - len(names) * block, "total": total,
+            "block_params": sum(p.numel() for p in modules[names[0]].parameters()) if names else 0,
+            "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def plan_report(model_name: str, workers: int, *, min_blocks: int = 5, seed: int = 0, rounds: int = 3,
+                bytes_per_elem: int = 4) -> dict[str, Any]:
+    """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks)."""
+    model = build_named_model(model_name)
+    sizes = split_sizes(model)
+    n = sizes["num_blocks"]
+    k = blocks_per_worker(workers, n, min(min_blocks, n))
+    s = workers
+    allreduce = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem * s  # noqa: E731  (summed over ranks)
+    plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
+    out_rounds = []
+    for t, p in enumerate(plans[:rounds]):
+        moved = sum(p2p_sends(plans[t - 1], p)) if t > 0 else None
+        out_rounds.append({
+            "round": t,
+            "groups": p.groups,
+            "bytes": None if moved is None else allreduce(sizes["shared"]) + moved * sizes["block"] * bytes_per_elem,
+        })
+    full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)layer\d+$", name)) or None
+    return {
+        "model": model_name,
+        "num_blocks": n,
+        "block_params": sizes["block_params"],
+        "total_params": sizes["total_params"],
+        "shared_params": sizes["total_params"] - n * sizes["block_params"],
+        "blocks_per_worker": k,
+        "depth": (full_depth - n + k) if full_depth else None,
+        "full_depth": full_depth,
+        "scale": inclusion_probability(s, n, min(min_blocks, n)),
+        "local_sgd_bytes": allreduce(sizes["total"]),
+        "rounds": out_rounds,
+    }

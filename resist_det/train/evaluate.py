@@ -1,0 +1,74 @@
+"""``resist-det eval``: evaluate a saved global network (from ResIST, local SGD or DDP training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import load_recipe
+from ..resist.partition import set_residual_scales
+from .loop import GLOBAL_MODEL_FILE
+from .tasks import build_task
+
+__all__ = ["load_global_model", "evaluate_checkpoint"]
+
+
+def _checkpoint_file(checkpoint: str | Path) -> Path:
+    p = Path(checkpoint)
+    if p.is_dir():
+        p = p / GLOBAL_MODEL_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"--checkpoint: no global model at {p} (training writes {GLOBAL_MODEL_FILE} in its output_dir)")
+    return p
+
+
+def load_global_model(checkpoint: str | Path) -> tuple[dict[str, Any], Any]:
+    """The saved record of a global network (weights, residual scales, recipe) and its recipe."""
+    path = _checkpoint_file(checkpoint)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({e})") from None
+    for key in ("model", "recipe", "residual_scales"):
+        if key not in saved:
+            raise ValueError(f"--checkpoint: {path} has no {key!r} entry; not a resist_det global model")
+    return saved, load_recipe(saved["recipe"])
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data_root: str | None = None,
+    year: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Metrics of a saved global network on a test set (default: the recipe's own)."""
+    saved, recipe = load_global_model(checkpoint)
+    overrides: dict[str, Any] = {}
+    if data_root is not None:
+        overrides["root"] = data_root
+    if year is not None or split is not None:
+        if recipe.data.kind != "voc":
+            raise ValueError("--year/--split apply to VOC detection checkpoints only")
+        y0, s0 = recipe.data.test_sets[0]
+        overrides["test_sets"] = [(year or y0, split or s0)]
+    overrides["limit_test"] = limit
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update=overrides)})
+    task = build_task(recipe, with_train=False)
+    net = task.make_model(None)
+    net.load_state_dict(saved["model"])
+    set_residual_scales(net, saved["residual_scales"])
+    metrics = task.evaluate(net, batch_size=batch_size, conf_threshold=recipe.train.conf_threshold)
+    return {
+        "checkpoint": str(_checkpoint_file(checkpoint)),
+        "mode": recipe.resist.mode,
+        "epoch": saved.get("epoch"),
+        "data": {"root": recipe.data.root, "test_sets": recipe.data.test_sets if recipe.data.kind == "voc" else "test"},
+        "class_names": task.class_names,
+        "main_metric": task.main_metric,
+        "metrics": metrics,
+    }

@@ -1,0 +1,92 @@
+"""Start the ranks of a training run on this machine, after checking everything that can fail.
+
+``resist-det train RECIPE --nproc N`` validates the recipe, the dataset folder and (for
+``--resume``) the checkpoint first, then runs ``torch.distributed.run`` with N processes
+of ``python -m resist_det.train``.  Inside a launcher (``RANK`` set) it runs in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import Recipe, load_recipe
+from .tasks import check_data
+
+__all__ = ["check_resume", "launch", "recipe_path"]
+
+PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: a path, or the name of a recipe shipped with the package (``demo_shapes``)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = PACKAGE_RECIPES / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(x.stem for x in PACKAGE_RECIPES.glob("*.json")))
+    raise FileNotFoundError(f"recipe not found: {name} (shipped recipes: {names})")
+
+
+def check_resume(recipe: Recipe, world_size: int) -> str:
+    """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
+    ckpt = Path(recipe.train.output_dir) / "checkpoints"
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {ckpt} (no 'latest' file)")
+    tag = latest.read_text().strip()
+    if recipe.resist.mode != "ddp":
+        ranks = len(list((ckpt / tag).glob("resist_rank*.pt")))
+        if ranks != world_size:
+            raise ValueError(f"--resume: checkpoint {ckpt / tag} was written by {ranks} ranks, but --nproc is {world_size}")
+    saved = Path(recipe.train.output_dir) / "recipe.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        new = recipe.model_dump(mode="json")
+        changed = sorted(
+            f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))
+            if isinstance(new[sec], dict) and new[sec].get(k) != old.get(sec, {}).get(k)
+            and (sec, k) not in {("train", "epochs")}
+        )
+        if changed:
+            raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
+    return tag
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, overrides: dict[str, Any] | None = None,
+           progress: bool = True) -> int:
+    """Validate, then train on ``nproc`` local ranks; returns the exit code."""
+    recipe = load_recipe(recipe_path(recipe_file), overrides)
+    check_data(recipe)
+    inside = "RANK" in os.environ
+    if resume:
+        check_resume(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if inside else nproc)
+    if inside or nproc == 1:
+        from .loop import train
+
+        train(recipe, resume=resume, progress=progress)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "resist_det.train", str(recipe_path(recipe_file))]
+    for k, v in (overrides or {}).items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    if resume:
+        cmd.append("--resume")
+    if not progress:
+        cmd.append("--no-progress")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
+    return subprocess.call(cmd, env=env)
