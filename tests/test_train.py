@@ -1,0 +1,145 @@
+"""The training loop, resume, the CLI's checks and the evaluation of saved global networks."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distributed import run_on_ranks
+from resist_det.cli import app
+
+
+def _write_idx(folder, n_train=64, n_test=32, seed=0):
+    """A tiny Fashion-MNIST in its IDX form: the label is the brightest quadrant of a noisy image."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, lab in enumerate(labels):
+            r, c = divmod(int(lab), 2)
+            images[i, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 150
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return folder
+
+
+def _recipe(tmp_path, out="run", **resist):
+    return {
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 8,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+            "gradient_clipping": 0.0,
+        },
+        "resist": {"mode": "resist", "local_steps": 3, "min_blocks": 2, "momentum": "keep", **resist},
+        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
+        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
+        "train": {"epochs": 3, "output_dir": str(tmp_path / out), "log_every": 2},
+    }
+
+
+def _train_rank(rank, world, recipe, resume):
+    from resist_det.config import load_recipe
+    from resist_det.train.loop import train
+
+    return train(load_recipe(recipe), resume=resume, progress=False)
+
+
+def _final(tmp_path, out):
+    saved = torch.load(tmp_path / out / "global_model.pt", weights_only=False)
+    rounds = [r["round"] for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+    return saved, rounds
+
+
+def test_resume_after_sync_equals_uninterrupted(tmp_path):
+    _write_idx(tmp_path / "fmnist")
+    full = _recipe(tmp_path, "full")
+    [summary, _] = run_on_ranks(_train_rank, 2, tmp_path / "a", full, False, timeout=300)
+    assert summary["main_metric"] == "accuracy" and summary["epoch"] == 2
+    part = _recipe(tmp_path, "part")
+    part["train"]["epochs"] = 2  # stops right after the sync that ends epoch 2
+    run_on_ranks(_train_rank, 2, tmp_path / "b", part, False, timeout=300)
+    part["train"]["epochs"] = 3
+    run_on_ranks(_train_rank, 2, tmp_path / "c", part, True, timeout=300)
+    a, rounds_a = _final(tmp_path, "full")
+    b, rounds_b = _final(tmp_path, "part")
+    assert rounds_a == rounds_b and len(rounds_a) == 3  # the same plan sequence (rounds per epoch)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # the same weights, bit for bit
+    assert a["residual_scales"] == b["residual_scales"] and a["residual_scales"]
+    # Every rank's own state was checkpointed next to DeepSpeed's files.
+    ckpt = tmp_path / "part" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "epoch0002"
+    assert sorted(p.name for p in (ckpt / "epoch0002").glob("resist_rank*.pt")) == ["resist_rank00.pt", "resist_rank01.pt"]
+
+
+def test_cli_eval_of_a_trained_classifier(tmp_path):
+    _write_idx(tmp_path / "fmnist")
+    recipe = _recipe(tmp_path, "one", mode="local_sgd")
+    recipe["train"]["epochs"] = 1
+    run_on_ranks(_train_rank, 1, tmp_path / "a", recipe, False, timeout=300)
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "one" / "eval_report.json").read_text())
+    saved = torch.load(tmp_path / "one" / "global_model.pt", weights_only=False)
+    assert report["metrics"]["accuracy"] == saved["metrics"]["accuracy"]  # same network, same test set
+    assert report["metrics"]["num_test"] == 32
+
+
+# ---- bad input: clear one-line errors, nothing changed on disk --------------------------------
+@pytest.fixture
+def recipe_file(tmp_path):
+    _write_idx(tmp_path / "fmnist")
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(_recipe(tmp_path)))
+    return path
+
+
+def _snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--set", "train.epochz=3"], "train.epochz: unknown key"),
+        (["--set", "train.epochs=\"many\""], "train.epochs: Input should be a valid integer"),
+        (["--set", "data.root=\"/no/such/dir\""], "data.root: dataset folder not found: /no/such/dir"),
+        (["--resume"], "--resume: no checkpoint to resume from"),
+    ],
+)
+def test_train_refuses_bad_input_before_starting(recipe_file, tmp_path, args, msg):
+    before = _snapshot(tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "2", *args])
+    assert result.exit_code == 1
+    assert msg in result.output and "Traceback" not in result.output
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_resume_refuses_other_world_size_or_recipe(recipe_file, tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "epoch0000").mkdir(parents=True)
+    (ckpt / "latest").write_text("epoch0000")
+    for r in range(2):
+        (ckpt / "epoch0000" / f"resist_rank{r:02d}.pt").write_bytes(b"")
+    (tmp_path / "run" / "recipe.json").write_text(json.dumps({**json.loads(recipe_file.read_text()), "resist": {"local_steps": 9}}))
+    before = _snapshot(tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "3", "--resume"])
+    assert result.exit_code == 1 and "written by 2 ranks, but --nproc is 3" in result.output
+    result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "2", "--resume"])
+    assert result.exit_code == 1 and "the recipe differs" in result.output and "resist.local_steps" in result.output
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_cli_version_and_plan():
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.strip() == "resist-det 0.1.0"
+    result = runner.invoke(app, ["plan", "-S", "4", "--rounds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "22 partitionable blocks" in result.output and "6 partitioned blocks, depth 17 of 33" in result.output
+    bad = runner.invoke(app, ["plan", "--model", "vgg16"])
+    assert bad.exit_code == 1 and "--model must be" in bad.output
