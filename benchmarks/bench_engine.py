@@ -1,0 +1,399 @@
+"""Engine benchmarks on the paper's CIFAR pre-activation ResNet101 (100 classes), CPU gloo ranks.
+
+    python benchmarks/bench_engine.py bytes   [--sizes 2 4 8] [--rounds 6]
+    python benchmarks/bench_engine.py memory  [--memory-size 4]
+    python benchmarks/bench_engine.py compute [--batch 128] [--steps 5] [--threads 2]
+    python benchmarks/bench_engine.py all     [--record benchmarks/results]
+
+* ``bytes``: bytes sent per synchronisation round, summed over ranks, ResIST vs local SGD
+  (and DDP per step), from DeepSpeed's comms logger (:mod:`resist_det.resist.comm_cost`),
+  cross-checked against the engines' own ``bytes_sent`` counters.
+* ``memory``: per-rank parameters + gradients + SGD-momentum state counted from tensors
+  (:func:`resist_det.resist.engine.memory_footprint`), and each rank's peak RSS.
+* ``compute``: forward + backward time of one local step, sub-ResNet vs full network, in
+  one process, beside the FLOP ratio (``torch.utils.flop_counter``).
+
+Distributed parts start their ranks with ``torchrun`` (one CPU thread per rank).  Each
+benchmark prints a table and the script exits 1 if a target is missed.  ``--record DIR``
+also writes each benchmark's output to ``DIR/engine_<name>.txt`` under the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+PAPER_RATIO = {2: 0.454 / 0.662, 4: 0.720 / 1.325, 8: 1.289 / 2.649}  # Table 1: ResIST GB / local SGD GB
+TARGET_RATIO = {2: 0.52, 4: 0.46, 8: 0.48}
+MEMORY_TARGET = 0.56
+COMPUTE_TARGET = 0.55
+NUM_CLASSES = 100
+MIN_BLOCKS = 5
+SEED = 0
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+def _ds_config(mode: str, *, local_steps: int, batch: int, prof_all: bool = False) -> dict[str, Any]:
+    from resist_det.resist.comm_cost import with_comms_logger
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": batch,
+        "optimizer": {"type": "SGD", "params": {"lr": 0.01, "momentum": 0.9}},
+        "gradient_clipping": 0.0,  # no norm all-reduce in ddp; no local clipping elsewhere
+        "resist": {"mode": mode, "local_steps": local_steps, "min_blocks": MIN_BLOCKS, "seed": SEED},
+    }
+    return with_comms_logger(cfg, prof_all=prof_all)
+
+
+def _model(mode: str) -> torch.nn.Module:
+    """ResIST ranks build on the meta device (only their own blocks get memory)."""
+    from resist_det.models.preact_resnet import cifar_preact_resnet101
+
+    return cifar_preact_resnet101(NUM_CLASSES, seed=SEED, device="meta" if mode == "resist" else None)
+
+
+def _train_step(engine: Any, gen: torch.Generator, batch: int) -> None:
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    engine.backward(F.cross_entropy(engine(x), y))
+    engine.step()
+
+
+def _all_gather(value: Any) -> list[Any]:
+    import torch.distributed as tdist
+
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, value)
+    return out
+
+
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:9.1f}"
+
+
+# ---- rank-side workers (run under torchrun) --------------------------------------------------
+def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
+    """Both modes, then DDP, on this rank; every rank returns the same totals."""
+    from resist_det.resist.comm_cost import bytes_sent, gather_comms_logs, reset_comms_log
+    from resist_det.resist.initialize import initialize
+
+    rank = int(os.environ["RANK"])
+    gen = torch.Generator().manual_seed(rank)
+    out: dict[str, Any] = {}
+    runs = [("resist", rounds), ("local_sgd", rounds)] + ([("ddp", 1)] if ddp else [])
+    for mode, n in runs:
+        engine, *_ = initialize(model=_model(mode), config=_ds_config(mode, local_steps=1, batch=batch, prof_all=mode == "ddp"))
+        reset_comms_log()  # initialize's parameter broadcast is not training traffic
+        start = engine.bytes_sent
+        per_round, by_log, times = [], {}, []
+        for _ in range(n):
+            t = time.perf_counter()
+            _train_step(engine, gen, batch)  # local_steps = 1: one sync per step
+            times.append(time.perf_counter() - t)
+            cost = bytes_sent(gather_comms_logs())
+            reset_comms_log()
+            per_round.append(cost.total)
+            for k, v in cost.by_log.items():
+                by_log[k] = by_log.get(k, 0) + v
+        counters = _all_gather(engine.bytes_sent - start)
+        params = _all_gather(sum(p.numel() for p in engine.module.parameters()))
+        out[mode] = dict(per_round=per_round, by_log=by_log, counters=counters, params=params, step_s=times)
+        if mode == "resist":
+            from resist_det.resist.sync import block_tensors
+
+            sec = engine.section
+            out[mode]["block_bytes"] = sum(t.numel() * t.element_size() for t in block_tensors(sec.slots[0]))
+            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.shared_tensors(True))
+            out[mode]["slots"] = len(sec.slots)
+        elif mode == "local_sgd":
+            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.shared_tensors(True))
+        del engine
+        gc.collect()
+    return out
+
+
+def worker_memory(mode: str, batch: int) -> dict[str, Any]:
+    """Footprint after a step (momentum present) and a backward (gradients present); no sync."""
+    from resist_det.resist.engine import memory_footprint
+    from resist_det.resist.initialize import initialize
+
+    rss0 = _rss_mib()
+    gen = torch.Generator().manual_seed(int(os.environ["RANK"]))
+    engine, *_ = initialize(model=_model(mode), config=_ds_config(mode, local_steps=10**6, batch=batch))
+    _train_step(engine, gen, batch)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    engine.backward(F.cross_entropy(engine(x), torch.randint(0, NUM_CLASSES, (batch,), generator=gen)))
+    mine = dict(memory_footprint(engine), rss_start_mib=rss0, rss_now_mib=_rss_mib(), peak_rss_mib=_peak_rss_mib())
+    return {"ranks": _all_gather(mine)}
+
+
+def _worker_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("kind", choices=["bytes", "memory"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--mode", default="resist")
+    p.add_argument("--ddp", action="store_true")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    res = worker_bytes(a.rounds, a.batch, a.ddp) if a.kind == "bytes" else worker_memory(a.mode, a.batch)
+    if int(os.environ["RANK"]) == 0:
+        Path(a.out).write_text(json.dumps(res))
+    import torch.distributed as tdist
+
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+def _launch(nproc: int, args: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``_worker args`` on ``nproc`` CPU ranks with torchrun; return rank 0's JSON."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        log = Path(tmp) / "log.txt"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += [__file__, "_worker", *args, "--out", str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        with log.open("w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()  # torchrun stops its ranks (each in its own session) on SIGTERM
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                rc = -1
+        if rc != 0 or not out.exists():
+            tail = "\n".join(log.read_text().splitlines()[-40:])
+            raise RuntimeError(f"ranks failed (rc={rc}): {shlex.join(cmd)}\n{tail}")
+        return json.loads(out.read_text())
+
+
+# ---- the benchmarks (driver side) ----------------------------------------------------------
+def bench_bytes(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
+    say("bytes per sync round, summed over ranks (comms logger; ring all-reduce 2(g-1)/g per rank, p2p on sender)")
+    say(f"ResIST: min_blocks {MIN_BLOCKS}, local_steps 1, batch {a.bytes_batch} of 32x32, {a.rounds} rounds averaged; "
+        "local SGD: same; DDP: one step")
+    ok = True
+    rows = []
+    for s in a.sizes:
+        t = time.perf_counter()
+        r = _launch(s, ["bytes", "--rounds", str(a.rounds), "--batch", str(a.bytes_batch)] + (["--ddp"] if a.ddp else []), a.timeout)
+        wall = time.perf_counter() - t
+        rs, ls = r["resist"], r["local_sgd"]
+        res_avg = statistics.mean(rs["per_round"])
+        loc_avg = statistics.mean(ls["per_round"])
+        ratio = res_avg / loc_avg
+        passed = ratio <= TARGET_RATIO[s]
+        ok &= passed
+        rows.append((s, r, res_avg, loc_avg, ratio, passed, wall))
+    say("")
+    say(f"{'S':>2} {'ResIST MiB/round':>17} {'(min..max)':>16} {'local SGD MiB/round':>20} {'ratio':>6} {'paper':>6} {'target':>7}  result")
+    for s, r, res_avg, loc_avg, ratio, passed, _ in rows:
+        pr = r["resist"]["per_round"]
+        say(f"{s:>2} {_mib(res_avg):>17} {f'{min(pr) / 2**20:.1f}..{max(pr) / 2**20:.1f}':>16} {_mib(loc_avg):>20} "
+            f"{ratio:6.3f} {PAPER_RATIO[s]:6.3f} {'<= ' + str(TARGET_RATIO[s]):>7}  {'PASS' if passed else 'FAIL'}")
+    say("")
+    say("where ResIST's bytes go (MiB/round, summed over ranks) and the engines' own counters (total bytes):")
+    say(f"{'S':>2} {'all-reduce':>11} {'p2p':>8} {'shared MiB':>11} {'block MiB':>10} {'k':>2} {'ResIST logger':>14} "
+        f"{'ResIST counter':>15} {'LSGD logger':>12} {'LSGD counter':>13} {'DDP MiB/step':>13} {'wall s':>7}")
+    for s, r, res_avg, loc_avg, ratio, passed, wall in rows:
+        rs, ls = r["resist"], r["local_sgd"]
+        n = len(rs["per_round"])
+        ar = rs["by_log"].get("resist_all_reduce", 0) / n
+        p2p = rs["by_log"].get("resist_p2p", 0) / n
+        ddp = r.get("ddp")
+        ddp_s = _mib(statistics.mean(ddp["per_round"])) if ddp else "-"
+        say(f"{s:>2} {_mib(ar):>11} {_mib(p2p):>8} {_mib(rs['shared_bytes']):>11} {rs['block_bytes'] / 2**20:10.2f} {rs['slots']:>2} "
+            f"{sum(rs['per_round']):>14} {sum(rs['counters']):>15} {sum(ls['per_round']):>12} {sum(ls['counters']):>13} "
+            f"{ddp_s:>13} {wall:7.1f}")
+        if ddp:
+            say(f"   S={s} DDP counters (engine.bytes_sent summed): {sum(ddp['counters'])}; logger: {sum(ddp['per_round'])}")
+    same = all(sum(r[m]["per_round"]) == sum(r[m]["counters"]) for _, r, *_ in rows for m in ("resist", "local_sgd"))
+    say("logger bytes == engines' bytes_sent counters (ResIST, local SGD): " + ("yes, every S" if same else "NO"))
+    return ok and same
+
+
+def bench_memory(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
+    s = a.memory_size
+    say(f"per-rank memory at S = {s}: parameters + gradients + SGD momentum (counted from tensors), and peak RSS")
+    res = {}
+    for mode in ("resist", "local_sgd"):
+        t = time.perf_counter()
+        res[mode] = _launch(s, ["memory", "--mode", mode, "--batch", str(a.bytes_batch)], a.timeout)["ranks"]
+        res[mode + "_wall"] = time.perf_counter() - t
+    say("")
+    say(f"{'mode':<10} {'rank':>4} {'params MiB':>11} {'grads MiB':>10} {'momentum MiB':>13} {'total MiB':>10} "
+        f"{'RSS start MiB':>14} {'peak RSS MiB':>13}")
+    for mode in ("resist", "local_sgd"):
+        for rank, m in enumerate(res[mode]):
+            say(f"{mode:<10} {rank:>4} {_mib(m['parameters']):>11} {_mib(m['gradients']):>10} {_mib(m['optimizer_state']):>13} "
+                f"{_mib(m['total']):>10} {m['rss_start_mib']:14.1f} {m['peak_rss_mib']:13.1f}")
+    worst = max(m["total"] for m in res["resist"])
+    full = max(m["total"] for m in res["local_sgd"])
+    ratio = worst / full
+    peak_r = max(m["peak_rss_mib"] for m in res["resist"])
+    peak_l = max(m["peak_rss_mib"] for m in res["local_sgd"])
+    base = statistics.mean(m["rss_start_mib"] for m in res["resist"] + res["local_sgd"])
+    say("")
+    say(f"tensor memory ratio ResIST / local SGD (largest rank): {ratio:.3f}  (target <= {MEMORY_TARGET})  "
+        + ("PASS" if ratio <= MEMORY_TARGET else "FAIL"))
+    say(f"peak RSS ratio (largest rank): {peak_r:.0f} / {peak_l:.0f} MiB = {peak_r / peak_l:.3f}; "
+        f"above the ~{base:.0f} MiB of a rank after imports: {(peak_r - base) / (peak_l - base):.3f}  (reported, no target)")
+    say(f"wall: resist {res['resist_wall']:.1f} s, local_sgd {res['local_sgd_wall']:.1f} s")
+    return ratio <= MEMORY_TARGET
+
+
+def _fwd_bwd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one forward + backward; CPU time is less hurt by other jobs."""
+    net.zero_grad(set_to_none=True)
+    t, c = time.perf_counter(), time.process_time()
+    F.cross_entropy(net(x), y).backward()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _flops(net: torch.nn.Module, batch: int) -> tuple[int, int]:
+    """(forward, forward + backward) FLOPs of one step, counted on the meta device."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(net).to("meta").train()
+    x = torch.empty(batch, 3, 32, 32, device="meta")
+    with FlopCounterMode(display=False) as fc:
+        m(x)
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        F.cross_entropy(m(x), torch.zeros(batch, dtype=torch.long, device="meta")).backward()
+    return fwd, fc.get_total_flops()
+
+
+def bench_compute(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
+    from resist_det.models.preact_resnet import cifar_preact_resnet101
+    from resist_det.resist.partition import partitionable_blocks
+    from resist_det.resist.plan import make_plan
+    from resist_det.resist.subnet import make_sub_resnet
+
+    torch.set_num_threads(a.threads)
+    s = a.compute_size
+    full = cifar_preact_resnet101(NUM_CLASSES, seed=SEED).train()
+    meta = cifar_preact_resnet101(NUM_CLASSES, seed=SEED, device="meta")
+    names = partitionable_blocks(meta)
+    plan = make_plan(SEED, 0, s, len(names), MIN_BLOCKS)
+    held = plan.groups[0]
+    sub, _, _ = make_sub_resnet(meta, names, held, seed=SEED)
+    sub.train()
+    say(f"forward + backward of one local step: batch {a.batch} of 32x32, {a.threads} threads, one process; "
+        f"sub-ResNet = rank 0 of make_plan({SEED}, 0, {s}, {len(names)}, {MIN_BLOCKS}): blocks {list(held)}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(a.batch, 3, 32, 32, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (a.batch,), generator=gen)
+    for net in (sub, full):  # warm-up
+        _fwd_bwd(net, x, y)
+    times: dict[str, list[float]] = {"sub": [], "full": []}
+    cpu: dict[str, list[float]] = {"sub": [], "full": []}
+    for _ in range(a.steps):  # interleaved, so background load hits both alike
+        for k, net in (("sub", sub), ("full", full)):
+            w, c = _fwd_bwd(net, x, y)
+            times[k].append(w)
+            cpu[k].append(c)
+    flops = {"sub": _flops(sub, a.batch), "full": _flops(full, a.batch)}
+    params = {"sub": sum(p.numel() for p in sub.parameters()), "full": sum(p.numel() for p in full.parameters())}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    say("")
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    say(f"{'network':<8} {'params M':>9} {'fwd GFLOP':>10} {'fwd+bwd GFLOP':>14} {'median s':>9} {'median CPU s':>13}  wall per step (s)")
+    for k in ("sub", "full"):
+        say(f"{k:<8} {params[k] / 1e6:9.2f} {flops[k][0] / 1e9:10.1f} {flops[k][1] / 1e9:14.1f} {med[k]:9.2f} {med_cpu[k]:13.2f}  "
+            + " ".join(f"{t:.2f}" for t in times[k]))
+    ratio = med["sub"] / med["full"]
+    say("")
+    say(f"time ratio sub / full (median wall): {ratio:.3f}  (target <= {COMPUTE_TARGET})  " + ("PASS" if ratio <= COMPUTE_TARGET else "FAIL"))
+    say(f"fastest-step wall ratio {min(times['sub']) / min(times['full']):.3f}; median CPU-time ratio "
+        f"{med_cpu['sub'] / med_cpu['full']:.3f}; FLOP ratio (fwd+bwd) {flops['sub'][1] / flops['full'][1]:.3f}; "
+        f"parameter ratio {params['sub'] / params['full']:.3f}")
+    return ratio <= COMPUTE_TARGET
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace, Callable[[str], None]], bool]] = {
+    "bytes": bench_bytes,
+    "memory": bench_memory,
+    "compute": bench_compute,
+}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("which", choices=[*BENCHES, "all"])
+    p.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], choices=[2, 4, 8], help="bytes: numbers of ranks")
+    p.add_argument("--rounds", type=int, default=6, help="bytes: sync rounds per mode")
+    p.add_argument("--bytes-batch", type=int, default=2, help="bytes/memory: images per rank and step")
+    p.add_argument("--no-ddp", dest="ddp", action="store_false", help="bytes: skip the DDP reference")
+    p.add_argument("--memory-size", type=int, default=4, help="memory: number of ranks")
+    p.add_argument("--batch", type=int, default=128, help="compute: batch size")
+    p.add_argument("--steps", type=int, default=5, help="compute: timed steps per network (after one warm-up)")
+    p.add_argument("--threads", type=int, default=2, help="compute: torch threads")
+    p.add_argument("--compute-size", type=int, default=4, help="compute: S of the plan the sub-ResNet comes from")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per torchrun launch")
+    p.add_argument("--record", type=Path, help="also write each benchmark's output to DIR/engine_<name>.txt")
+    a = p.parse_args(argv)
+    command = "$ " + shlex.join(["python", os.path.relpath(__file__), *argv])
+    header = (f"python {platform.python_version()}, torch {torch.__version__}, "
+              f"{platform.machine()}, {os.cpu_count()} CPUs")
+    ok = True
+    for name in BENCHES if a.which == "all" else [a.which]:
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        lines = [command, f"{header}; load average at start {load} (other jobs share the machine)", f"== {name} =="]
+        print(*lines, sep="\n", flush=True)
+
+        def say(line: str, _lines: list[str] = lines) -> None:
+            print(line, flush=True)
+            _lines.append(line)
+
+        t = time.perf_counter()
+        passed = BENCHES[name](a, say)
+        say(f"{name}: {'PASS' if passed else 'FAIL'} in {time.perf_counter() - t:.0f} s")
+        ok &= passed
+        if a.record:
+            a.record.mkdir(parents=True, exist_ok=True)
+            (a.record / f"engine_{name}.txt").write_text("\n".join(lines) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker_main(sys.argv[2:])
+    else:
+        sys.exit(main(sys.argv[1:]))
