@@ -143,3 +143,21 @@ def test_cli_version_and_plan():
     assert "22 partitionable blocks" in result.output and "6 partitioned blocks, depth 17 of 33" in result.output
     bad = runner.invoke(app, ["plan", "--model", "vgg16"])
     assert bad.exit_code == 1 and "--model must be" in bad.output
+
+
+def test_shipped_recipes_validate_and_pair_up():
+    from resist_det.config import load_recipe
+    from resist_det.train.launch import PACKAGE_RECIPES
+
+    recipes = {p.stem: load_recipe(p) for p in PACKAGE_RECIPES.glob("*.json")}
+    assert {"voc_resist", "voc_localsgd", "cifar10_resist", "cifar100_localsgd", "imagenet_resist", "fashion_mnist_resist", "demo_shapes"} <= set(recipes)
+    for name, r in recipes.items():
+        if name.endswith("_resist"):
+            twin = recipes[name.replace("_resist", "_localsgd")]
+            assert r.resist.mode == "resist" and twin.resist.mode == "local_sgd"
+            assert r.model == twin.model and r.data == twin.data and r.deepspeed == twin.deepspeed
+    voc = recipes["voc_resist"]
+    assert (voc.model.image_size, voc.batch_size, voc.train.epochs) == (448, 10, 100)  # paper section 5
+    assert voc.train.lr_schedule.milestones == [60, 90] and voc.train.lr_schedule.warmup_epochs == 30
+    inet = recipes["imagenet_resist"]
+    assert (inet.resist.local_steps, inet.resist.min_blocks, inet.resist.bn_sync_rounds) == (15, 10, 1300)

@@ -192,7 +192,7 @@ def test_transform_and_collate(voc_root: Path) -> None:
 
 
 def test_augment_keeps_boxes_aligned() -> None:
-    t = detection_transform(64, train=True, augment=True, seed=3)
+    t = detection_transform(64, augment=True, seed=3)
     image = np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8)
     boxes = np.array([[2.0, 2.0, 20.0, 20.0], [30.0, 10.0, 60.0, 40.0]])
     for _ in range(20):

@@ -80,7 +80,6 @@ class DetectionTransform:
 
 def detection_transform(
     size: int,
-    train: bool = False,
     augment: bool = False,
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -92,8 +91,7 @@ def detection_transform(
 
     ``size`` must be a positive multiple of 32 (the detector's stride). Augmentation
     (bbox-safe random crop, horizontal flip, mild colour jitter; hue is barely touched
-    so colour stays informative) is applied if and only if ``augment=True``; ``train``
-    only labels the call site and changes nothing by itself. Boxes that an augmentation leaves less than
+    so colour stays informative) is applied if and only if ``augment=True``. Boxes that an augmentation leaves less than
     ``min_visibility`` visible are dropped with their labels/flags.
     """
     if not isinstance(size, int) or size <= 0 or size % 32:
@@ -117,7 +115,6 @@ def detection_transform(
         min_visibility=min_visibility if augment else 0.0,
     )
     pipeline = A.Compose(steps, bbox_params=bbox_params, seed=seed)
-    del train  # see docstring: augmentation is controlled by ``augment`` alone
     return DetectionTransform(pipeline, size)
 
 
