@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,16 @@ def test_readme_dropin_example_runs(tmp_path):
     script = tmp_path / "user_script.py"
     script.write_text(block.group(1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"rounds 4, bytes sent by rank 0: [1-9]\d*", proc.stdout), proc.stdout[-2000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # a hang: kill the launcher and its ranks, then fail
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert re.search(r"rounds 4, bytes sent by rank 0: [1-9]\d*", out), out[-2000:]
 
 
 def test_readme_quickstart_has_two_commands():
