@@ -121,7 +121,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             lr = learning_rate(recipe.train.lr_schedule, recipe.base_lr, epoch + i / steps_per_epoch)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            x, y = task.batch(data)
+            x, y = task.batch(data, engine.device)
             loss = task.loss_fn(engine(x), y)
             engine.backward(loss)
             if i == 1 or not memory:  # gradients (and, after step 1, momentum) are present here

@@ -33,9 +33,13 @@ class Task:
     loss_fn: Callable[[Any, Any], torch.Tensor]
     main_metric: str  # the metric reported as the result ("map_07" or "accuracy")
 
-    def batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+    def batch(self, batch: Any, device: torch.device | str = "cpu") -> tuple[torch.Tensor, Any]:
+        """Inputs on ``device``; classification labels too (detection targets stay on the CPU:
+        the loss moves what it needs)."""
         images, targets = batch
-        return images, targets
+        if torch.is_tensor(targets):
+            targets = targets.to(device, non_blocking=True)
+        return images.to(device, non_blocking=True), targets
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int, conf_threshold: float = 0.005) -> dict[str, Any]:
@@ -48,9 +52,11 @@ class Task:
 
 
 def _evaluate_classifier(model: nn.Module, loader: DataLoader, loss_fn) -> dict[str, Any]:
+    device = next(model.parameters()).device
     correct = total = 0
     loss_sum = 0.0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += float(loss_fn(out, y)) * len(y)
         correct += int((out.argmax(1) == y).sum())
@@ -64,9 +70,10 @@ def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_th
 
     base = task.test_set.dataset if isinstance(task.test_set, Subset) else task.test_set
     indices = task.test_set.indices if isinstance(task.test_set, Subset) else range(len(base))
+    device = next(model.parameters()).device
     detections, loss_sum, n = [], 0.0, 0
     for images, targets in loader:
-        pred = model(images)
+        pred = model(images.to(device))
         loss_sum += float(task.loss_fn(pred, targets)) * len(targets)
         n += len(targets)
         size = (images.shape[-2], images.shape[-1])
@@ -74,8 +81,8 @@ def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_th
             detections.append(
                 {
                     "boxes": boxes_to_original(det["boxes"], size, tuple(tgt["size"])),
-                    "scores": det["scores"].numpy(),
-                    "labels": det["labels"].numpy(),
+                    "scores": det["scores"].cpu().numpy(),
+                    "labels": det["labels"].cpu().numpy(),
                 }
             )
     truths = [base.get_annotation(i) for i in indices]
