@@ -12,6 +12,14 @@ DeepSpeed's full-model gradient all-reduce is switched off (``enable_backward_al
 each rank trains its own sub-ResNet, and :meth:`ResISTEngine.synchronize` averages the shared
 layers and routes the partitioned blocks (:mod:`resist_det.resist.sync`).  Everything the
 engine does not define is DeepSpeed's (``engine.module``, ``engine.save_checkpoint`` ...).
+
+With ``resist.warmup_local_sgd_steps`` = W > 0 (paper section 2.6) a ``resist`` run starts with
+local SGD on the whole network: every rank holds every partitioned block, each block's
+residual branch scaled by :meth:`ResISTEngine.residual_scale` (the paper's footnote 2), and a
+sync averages every tensor.  The first sync at or after step W (one is forced at step W)
+switches to ResIST: each rank keeps its group of plan round 0, drops the other
+blocks (module, optimizer and DeepSpeed's name map: their memory is freed), unscales the kept
+blocks, and the next round is ResIST round 0.
 """
 
 from __future__ import annotations
@@ -60,13 +68,20 @@ class ResISTEngine:
         self.grad_clip = grad_clip
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.round = 0  # index of the current round (its plan is self.plan)
+        self.round = 0  # index of the current round (its plan is self.plan), warm-up rounds included
         self.local_step = 0  # optimizer steps taken in the current round
+        self.steps = 0  # optimizer steps taken, all rounds
         self.bytes_sent = 0  # by this rank, all rounds (costing of resist_det.resist.sync)
+        # The round that is ResIST round 0 (plan round = round - resist_start); None during the warm-up.
+        self.resist_start: int | None = None
         self._plans: Iterator[Plan] | None = None
         self.plan: Plan | None = None
         if config.mode == "resist":
-            self._restart_plans(0)
+            if config.warmup_local_sgd_steps > 0:
+                self._begin_warmup()
+            else:
+                self.resist_start = 0
+                self._restart_plans(0)
 
     # ---- the user's loop ---------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -87,6 +102,7 @@ class ResISTEngine:
         self.engine.step(**kwargs)
         if self.engine.global_steps == before:
             return
+        self.steps += 1
         if self.config.mode == "ddp":
             # DeepSpeed all-reduced every gradient once for this step (ring costing).
             g = self.world_size
@@ -94,23 +110,63 @@ class ResISTEngine:
             self.bytes_sent += round(2 * (g - 1) / g * grads)
             return
         self.local_step += 1
-        if self.local_step >= self.config.local_steps:
+        if self.local_step >= self.config.local_steps or self._warmup_over():
             self.synchronize()
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names this class does not define: defer to DeepSpeed's engine.
         return getattr(self.__dict__["engine"], name)
 
+    # ---- the local-SGD warm-up ---------------------------------------------------------
+    @property
+    def in_warmup(self) -> bool:
+        """True during the local-SGD warm-up of a ``resist`` run (every rank holds every block)."""
+        return self.config.mode == "resist" and self.resist_start is None
+
+    def _warmup_over(self) -> bool:
+        return self.in_warmup and self.steps >= self.config.warmup_local_sgd_steps
+
+    def _begin_warmup(self) -> None:
+        n = len(self.block_names)
+        if self.section.slot_blocks != list(range(n)):
+            raise ValueError("the local-SGD warm-up needs every partitioned block in a slot (build the engine with resist_det.initialize)")
+        self.plan = Plan(round=-1, groups=(tuple(range(n)),) * self.world_size)  # every rank holds every block
+        for slot in self.section.slots:
+            slot.residual_scale = self.residual_scale()  # paper footnote 2: scaled as in the global network
+
+    def _end_warmup(self, blocks: list[int] | tuple[int, ...]) -> None:
+        """Keep only ``blocks`` (in this slot order) and train them unscaled, as ResIST does.
+
+        The other blocks leave the module, the optimizer (parameter groups and state) and
+        DeepSpeed's parameter-name map, so nothing keeps their memory alive.
+        """
+        removed = self.section.keep(blocks)
+        gone = {id(p) for m in removed for p in m.parameters()}
+        opt = self.engine.optimizer
+        # Keep the module's order (slot order), as at a switch in round 0: a checkpoint's optimizer
+        # state, stored by position, then fits an engine that switches on resume.
+        order = {id(p): i for i, p in enumerate(self.engine.module.parameters())}
+        for group in opt.param_groups:
+            kept = [p for p in group["params"] if id(p) not in gone]
+            group["params"] = sorted(kept, key=lambda p: order.get(id(p), len(order)))
+        for p in [p for p in opt.state if id(p) in gone]:
+            del opt.state[p]
+        if hasattr(self.engine, "param_names"):  # DeepSpeed's checkpoint name map, keyed by parameter
+            self.engine.param_names = {p: n for n, p in self.engine.module.named_parameters()}
+        for slot in self.section.slots:
+            slot.residual_scale = 1.0
+
     # ---- synchronisation ---------------------------------------------------------------
-    def _restart_plans(self, round: int) -> None:
+    def _restart_plans(self, plan_round: int) -> None:
+        """Walk the plans from ResIST round ``plan_round`` (the engine's round minus ``resist_start``)."""
         c = self.config
-        self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), c.min_blocks, start=round)
+        self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), c.min_blocks, start=plan_round)
         self.plan = next(self._plans)
-        self.round = round
 
     def shared_tensors(self, with_buffers: bool) -> list[torch.Tensor]:
-        """Tensors every rank holds: all but the partitioned slots (all of them outside resist)."""
-        slots = self.section.slots if self.section is not None else nn.ModuleList()
+        """Tensors every rank holds: all but the partitioned slots (all of them outside resist
+        and during the warm-up)."""
+        slots = self.section.slots if self.section is not None and not self.in_warmup else nn.ModuleList()
         skip = {id(p) for p in slots.parameters()} | {id(b) for b in slots.buffers()}
         out = [p.data for p in self.engine.module.parameters() if id(p) not in skip]
         if with_buffers:
@@ -121,7 +177,9 @@ class ResISTEngine:
     def synchronize(self) -> int:
         """End the current round now: average shared layers, route blocks, start the next round.
 
-        Collective (every rank must call it).  Returns the bytes this rank sent.
+        During the warm-up every tensor is averaged; the first sync after
+        ``warmup_local_sgd_steps`` steps then switches to ResIST.  Collective (every rank must
+        call it).  Returns the bytes this rank sent.
         """
         c = self.config
         if c.mode == "ddp":
@@ -129,7 +187,12 @@ class ResISTEngine:
         with_bn = c.bn == "average" and (self.round + 1) % c.bn_sync_rounds == 0
         sent = average_tensors(self.shared_tensors(with_bn), bucket_bytes=int(c.bucket_mb * 2**20))
         changed: set[int] = set()
-        if c.mode == "resist":
+        if self.in_warmup:
+            if self._warmup_over():
+                self._restart_plans(0)
+                self._end_warmup(self.plan.groups[self.rank])
+                self.resist_start = self.round + 1
+        elif c.mode == "resist":
             old = self.plan
             new = next(self._plans)
             before = list(self.section.slot_blocks)
@@ -170,7 +233,8 @@ class ResISTEngine:
 
         Collective.  Each partitioned block comes from one holder; its residual branch is
         scaled by :meth:`residual_scale`.  Call it right after a synchronisation (e.g. after
-        :meth:`synchronize`), when every copy of a tensor agrees.
+        :meth:`synchronize`), when every copy of a tensor agrees.  (During the warm-up every
+        rank holds every block: nothing is sent.)
         """
         module = self.engine.module
         if self.config.mode != "resist":
@@ -204,6 +268,8 @@ class ResISTEngine:
         return {
             "round": self.round,
             "local_step": self.local_step,
+            "steps": self.steps,
+            "resist_start": self.resist_start,
             "bytes_sent": self.bytes_sent,
             "world_size": self.world_size,
             "config_digest": self.config.digest(),
@@ -255,13 +321,16 @@ class ResISTEngine:
                 raise FileNotFoundError(f"no checkpoint in {load_dir} (no 'latest' file)")
             tag = latest.read_text().strip()
         own = self.check_checkpoint(load_dir, tag)  # before anything is loaded
+        if own:
+            # First the structure: a checkpoint taken after the warm-up holds only this rank's
+            # blocks, so a run resumed in warm-up structure switches before the weights load.
+            self.load_state_dict(own["resist"])
         path, client = self.engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(load_dir) / tag}")
         if own:
             self.engine.module.load_state_dict(own["module"])
             self.engine.optimizer.load_state_dict(own["optimizer"])
-            self.load_state_dict(own["resist"])
         else:
             self.load_state_dict(client["resist"])
         return path, client
@@ -273,14 +342,27 @@ class ResISTEngine:
             )
         if state["config_digest"] != self.config.digest():
             raise ValueError("ResIST state was saved with a different 'resist' config section")
+        if self.config.mode == "resist" and not self.in_warmup and state.get("resist_start", 0) is None:
+            raise ValueError(
+                "ResIST state was saved during the local-SGD warm-up, but this engine has already switched to "
+                "ResIST; load it into a freshly initialized engine"
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`.  State saved after the warm-up ends the warm-up of an
+        engine still in it (its extra blocks are dropped); load the module's weights after."""
         self._check_state(state)
         self.local_step = state["local_step"]
+        self.steps = state.get("steps", 0)
         self.bytes_sent = state["bytes_sent"]
-        if self.config.mode == "resist":
-            self._restart_plans(state["round"])
-            self.section.assign(state["slot_blocks"])
+        start = state.get("resist_start", 0)
+        if self.config.mode == "resist" and start is not None:
+            self._restart_plans(state["round"] - start)
+            if self.in_warmup:
+                self._end_warmup(state["slot_blocks"])
+            else:
+                self.section.assign(state["slot_blocks"])
+            self.resist_start = start
         self.round = state["round"]
 
 

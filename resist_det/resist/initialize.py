@@ -63,9 +63,11 @@ def initialize(
 
     ``config`` is a DeepSpeed config (dict or JSON path) with an optional ``"resist"`` section
     (see :class:`resist_det.resist.config.ResISTConfig`).  In ``resist`` mode ``model`` is turned
-    into this rank's sub-ResNet in place: blocks this rank does not hold are dropped.  A model
-    built on the meta device (``preact_resnet(..., device="meta")``) is materialised only for
-    the layers this rank holds, initialised per block from ``resist.seed``.
+    into this rank's sub-ResNet in place: blocks this rank does not hold are dropped (with
+    ``resist.warmup_local_sgd_steps`` > 0 the rank first holds every block and drops the others
+    when the warm-up ends).  A model built on the meta device (``preact_resnet(...,
+    device="meta")``) is materialised only for the layers this rank holds, initialised per
+    block from ``resist.seed``.
     Other keyword arguments go to ``deepspeed.initialize`` unchanged.
     """
     if "config_params" in kwargs and config is None:
@@ -101,13 +103,19 @@ def initialize(
             if model_parameters and isinstance(model_parameters[0], dict):
                 raise ValueError("model_parameters as parameter groups is not supported in resist mode; pass net.parameters()")
             given = {id(p) for p in model_parameters}
-        model, section, section_name = make_sub_resnet(model, names, plan.groups[rank], seed=rc.seed)
+        # The local-SGD warm-up (paper section 2.6) trains the whole network on every rank: all
+        # blocks in slots.  The engine shrinks the section to this rank's first group at the switch.
+        warmup = rc.warmup_local_sgd_steps > 0
+        held = list(range(len(names))) if warmup else plan.groups[rank]
+        model, section, section_name = make_sub_resnet(model, names, held, seed=rc.seed)
         slot_ids = {id(p) for p in section.slots.parameters()}
         model_parameters = [
             p for p in model.parameters() if p.requires_grad and (given is None or id(p) in given or id(p) in slot_ids)
         ]
-        # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks.
-        stash = [{k: v.clone() for k, v in s.state_dict().items()} for s in section.slots]
+        if not warmup:
+            # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks.
+            # (Local SGD starts from rank 0's copy of everything, as in mode local_sgd.)
+            stash = [{k: v.clone() for k, v in s.state_dict().items()} for s in section.slots]
         extra = dict(block_names=names, section=section, section_name=section_name)
     elif model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
@@ -115,7 +123,7 @@ def initialize(
     engine, optimizer, loader, scheduler = deepspeed.initialize(
         model=model, model_parameters=model_parameters, config=ds_config, **kwargs
     )
-    if rc.mode == "resist":
+    if stash:
         for s, st in zip(extra["section"].slots, stash):
             s.load_state_dict(st)
     if rc.mode != "ddp":

@@ -6,6 +6,10 @@ same module structure.  The partitioned section is therefore replaced by a
 each holding one partitioned block.  Which block a slot holds changes every round; new blocks
 are copied into the slots in place, so the optimizer's parameter references stay valid.
 Blocks run in their global order, whatever slot they sit in.
+
+During the optional local-SGD warm-up (paper section 2.6) a rank holds every block, one per
+slot; :meth:`SlottedSection.keep` then shrinks the section to the rank's first ResIST group,
+releasing the other slots.
 """
 
 from __future__ import annotations
@@ -46,6 +50,22 @@ class SlottedSection(nn.Module):
         seq = [(p, m) for p, m in zip(self.fixed_positions, self.fixed)]
         seq += [(self.positions[b], s) for b, s in zip(blocks, self.slots)]
         self._order = [m for _, m in sorted(seq, key=lambda t: t[0])]
+
+    def keep(self, blocks: Sequence[int]) -> list[nn.Module]:
+        """Keep only the slots holding ``blocks`` (slot ``i`` then holds ``blocks[i]``).
+
+        The kept slot modules (and their parameter objects) are reused, not copied.  Returns the
+        removed slots: once the caller drops its references to them (an optimizer, say) their
+        memory is freed.
+        """
+        held = dict(zip(self.slot_blocks, self.slots))
+        missing = [b for b in blocks if b not in held]
+        if missing or len(set(blocks)) != len(blocks):
+            raise ValueError(f"cannot keep blocks {list(blocks)}: the slots hold {self.slot_blocks}")
+        removed = [m for b, m in held.items() if b not in set(blocks)]
+        self.slots = nn.ModuleList([held[b] for b in blocks])
+        self.assign(blocks)
+        return removed
 
     def slot_of(self, block: int) -> int:
         return self.slot_blocks.index(block)
