@@ -20,5 +20,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         from . import resist
 
-        return getattr(resist, name)
+        value = getattr(resist, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'resist_det' has no attribute {name!r}")

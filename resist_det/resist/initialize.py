@@ -9,6 +9,7 @@ An existing DeepSpeed project adopts ResIST by changing ``deepspeed.initialize``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ def initialize(
         config = kwargs.pop("config_params")
     ds_config, rc = split_config(config)
     _check_deepspeed_config(ds_config, rc.mode)
+    if torch.cuda.is_available():  # NCCL collectives (the config check below) use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

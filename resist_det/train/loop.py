@@ -50,14 +50,19 @@ def init_distributed() -> tuple[int, int]:
     return tdist.get_rank(), tdist.get_world_size()
 
 
+def _reduce_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def _sum_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
     tdist.all_reduce(t)  # monitoring only: not part of the algorithm's traffic
     return float(t.item())
 
 
 def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return float(t.item())
 
@@ -166,7 +171,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
 
 def _eval_time(record: dict[str, Any]) -> float:
     # Wall time counts training and communication, not evaluation (like the paper's timings).
-    t = torch.tensor([float(record.get("eval_seconds", 0.0))], dtype=torch.float64)
+    t = torch.tensor([float(record.get("eval_seconds", 0.0))], dtype=torch.float64, device=_reduce_device())
     tdist.broadcast(t, src=0)
     return float(t.item())
 
