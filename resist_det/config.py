@@ -71,6 +71,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0, description="data order seed")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (smoke runs)")
     conf_threshold: float = Field(0.005, ge=0, le=1, description="detector: score threshold at evaluation")
+    bn_recalibration_batches: int = Field(
+        0, ge=0, description="re-estimate the global network's BN statistics on this many training batches before evaluating"
+    )
 
 
 class Recipe(_Strict):

@@ -161,3 +161,21 @@ def test_shipped_recipes_validate_and_pair_up():
     assert voc.train.lr_schedule.milestones == [60, 90] and voc.train.lr_schedule.warmup_epochs == 30
     inet = recipes["imagenet_resist"]
     assert (inet.resist.local_steps, inet.resist.min_blocks, inet.resist.bn_sync_rounds) == (15, 10, 1300)
+
+
+def test_bn_recalibration_uses_training_batches():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from resist_det.train.tasks import Task
+
+    x = torch.randn(16, 3, 4, 4) * 3 + torch.tensor([1.0, -2.0, 5.0]).view(1, 3, 1, 1)
+    task = Task(kind="classification", train_set=TensorDataset(x, torch.zeros(16, dtype=torch.long)), test_set=None,
+                num_classes=1, class_names=["a"], collate=None, make_model=None, loss_fn=None, main_metric="accuracy")
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.fill_(100.0)
+    assert task.recalibrate_bn(nn.Sequential(bn), batches=4, batch_size=4) == 4
+    # Equal batch sizes: the cumulative average of batch means is the mean of all 16 samples.
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)))
+    assert bn.momentum == 0.1 and not bn.training
+    assert task.recalibrate_bn(nn.Sequential(bn), batches=0, batch_size=4) == 0

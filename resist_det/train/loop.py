@@ -149,6 +149,7 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             net = engine.global_model(dst=0)
             if rank == 0:
                 t_eval = time.perf_counter()
+                task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
                 metrics = task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
                 record.update(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
                 save_global_model(out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics)

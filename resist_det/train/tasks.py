@@ -51,6 +51,38 @@ class Task:
         return _evaluate_detector(model, loader, self, conf_threshold)
 
 
+    @torch.no_grad()
+    def recalibrate_bn(self, model: nn.Module, batches: int, batch_size: int, seed: int = 0) -> int:
+        """Re-estimate the BN running statistics of ``model`` on ``batches`` training batches.
+
+        The global network runs every block (scaled), so the layers after the partitioned
+        section see activations that no sub-ResNet produced in training, and the averaged
+        statistics describe the sub-ResNets, not it.  Cumulative averages over a seeded sample
+        of training batches; returns the number of batches used.
+        """
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if batches <= 0 or not bns or self.train_set is None:
+            return 0
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+        device = next(model.parameters()).device
+        loader = DataLoader(self.train_set, batch_size=batch_size, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(seed), collate_fn=self.collate)
+        model.train()
+        used = 0
+        for data in loader:
+            if used == batches:
+                break
+            model(self.batch(data, device)[0])
+            used += 1
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
+        return used
+
+
 def _evaluate_classifier(model: nn.Module, loader: DataLoader, loss_fn) -> dict[str, Any]:
     device = next(model.parameters()).device
     correct = total = 0
