@@ -164,6 +164,26 @@ def plot(
         raise _fail(str(e)) from None
 
 
+_BENCHMARKS = {"engine": "bench_engine.py", "ap": "bench_voc_ap.py", "fashion-mnist": "bench_fashion_mnist.py"}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"Which benchmark: {', '.join(_BENCHMARKS)}. Extra arguments go to its script.")],
+) -> None:
+    """Run a benchmark script of benchmarks/ (e.g. `resist-det bench engine bytes`); it prints its figures."""
+    import subprocess
+    import sys
+
+    if name not in _BENCHMARKS:
+        raise _fail(f"unknown benchmark {name!r}; choose one of {', '.join(_BENCHMARKS)}")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / _BENCHMARKS[name]
+    if not script.is_file():
+        raise _fail(f"{script} not found: benchmarks live in the source checkout, not in the installed package")
+    raise typer.Exit(code=subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where data, runs and the plot go.")] = Path("runs/demo"),
