@@ -83,10 +83,13 @@ def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any, time
         err = workdir / f"rank{r}.err"
         if err.exists():
             errors.append(f"--- rank {r} ---\n{err.read_text()}")
+    if hung:  # reported first: killing a hung rank makes its peers fail too
+        raise TimeoutError(
+            f"{fn.__name__} did not finish within {timeout:.0f} s on ranks {hung} (killed)"
+            + ("\nother ranks then failed:\n" + "\n".join(errors) if errors else "")
+        )
     if errors:
         raise AssertionError(f"{fn.__name__} failed on {len(errors)} of {world_size} ranks:\n" + "\n".join(errors))
-    if hung:
-        raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s on ranks {hung} (killed)")
     bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
     if bad:
         raise AssertionError(f"{fn.__name__}: ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
