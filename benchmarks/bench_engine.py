@@ -101,7 +101,7 @@ def _mib(n: float) -> str:
 def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
     """Both modes, then DDP, on this rank; every rank returns the same totals."""
     from resist_det.resist.comm_cost import bytes_sent, gather_comms_logs, reset_comms_log
-    from resist_det.resist.initialize import initialize
+    from resist_det import initialize
 
     rank = int(os.environ["RANK"])
     gen = torch.Generator().manual_seed(rank)
@@ -141,7 +141,7 @@ def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
 def worker_memory(mode: str, batch: int) -> dict[str, Any]:
     """Footprint after a step (momentum present) and a backward (gradients present); no sync."""
     from resist_det.resist.engine import memory_footprint
-    from resist_det.resist.initialize import initialize
+    from resist_det import initialize
 
     rss0 = _rss_mib()
     gen = torch.Generator().manual_seed(int(os.environ["RANK"]))

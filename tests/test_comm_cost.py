@@ -90,7 +90,7 @@ def _step(engine, gen):
 def _logger_vs_counter(rank, world):
     import torch.distributed as tdist
     from resist_det.resist.comm_cost import gather_comms_logs, local_comms_log, reset_comms_log
-    from resist_det.resist.initialize import initialize
+    from resist_det import initialize
 
     def all_sum(v):
         out = [None] * world

@@ -75,7 +75,7 @@ def _shared(engine):
 
 # ---- warm-up = local SGD with scaled blocks; the switch; ResIST after it ------------------------
 def _warmup_and_switch(rank, world):
-    from resist_det.resist.initialize import initialize
+    from resist_det import initialize
     from resist_det.resist.engine import memory_footprint
     from resist_det.resist.partition import set_residual_scales
     from resist_det.resist.plan import make_plan
@@ -230,7 +230,7 @@ SAVE_AT = {"warmup": 1, "resist": 6}  # after this many steps: mid-round in the 
 
 
 def _resume(rank, world, ckpt):
-    from resist_det.resist.initialize import initialize
+    from resist_det import initialize
 
     def build():
         return initialize(model=_net(device="meta"), config=_cfg(**WARMUP_CFG))[0]

@@ -10,7 +10,7 @@ from .config import ResISTConfig
 from .partition import partitionable_blocks, set_residual_scales
 from .plan import Plan, inclusion_probability, iter_plans, make_plan
 
-_LAZY = {"initialize": ".initialize", "ResISTEngine": ".engine", "memory_footprint": ".engine"}
+_LAZY = {"initialize": ".build", "ResISTEngine": ".engine", "memory_footprint": ".engine"}
 
 __all__ = [
     "Plan",
@@ -31,7 +31,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        # Cache it: importing the submodule ``initialize`` would otherwise shadow the function.
-        globals()[name] = value
+        globals()[name] = value  # later look-ups skip __getattr__
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
