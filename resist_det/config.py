@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .io import read_json_file
 from .resist.config import ResISTConfig, config_error
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe"]
@@ -119,14 +120,8 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
     """
     where = "recipe"
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        where = str(source)
+        data = read_json_file(source, "recipe")
     else:
         data = json.loads(json.dumps(source))
     for dotted, value in (overrides or {}).items():

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_torch_save", "atomic_write_json"]
+__all__ = ["atomic_write_text", "atomic_torch_save", "atomic_write_json", "read_json_file"]
 
 
 def _atomic(path: Path, write) -> Path:
@@ -39,3 +39,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def read_json_file(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is an error naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -1,6 +1,5 @@
 """The ResIST engine on real gloo ranks, checked against plain training, DDP and exact means."""
 
-import copy
 
 import pytest
 import torch

@@ -163,7 +163,24 @@ def _load_pickle(path: Path) -> dict[Any, Any]:
     return obj
 
 
-class CIFARDataset(Dataset):
+class _InMemoryImages(Dataset):
+    """Images held as one uint8 tensor ``data`` [N, C, H, W] with integer ``targets``."""
+
+    data: torch.Tensor
+    targets: list[int]
+    transform: Any
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.data[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return _to_float_image(image), self.targets[index]
+
+
+class CIFARDataset(_InMemoryImages):
     """CIFAR-10 / CIFAR-100 from the distributed python-pickle batches.
 
     ``root`` is the extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``) or
@@ -230,15 +247,6 @@ class CIFARDataset(Dataset):
             f"{_NEVER_DOWNLOADED}: extract {layout.archive} so that {layout.folder}/ lies under {expected.parent}."
         )
 
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.data[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return _to_float_image(image), self.targets[index]
-
 
 # --------------------------------------------------------------------------- IDX
 
@@ -297,7 +305,7 @@ def _find_idx_file(folder: Path, name: str) -> Path | None:
     return None
 
 
-class IDXDataset(Dataset):
+class IDXDataset(_InMemoryImages):
     """MNIST / Fashion-MNIST from the four IDX files in one folder (each optionally ``.gz``).
 
     Images are kept in memory as ``uint8 [N, 1, H, W]``; the transform receives one
@@ -337,15 +345,6 @@ class IDXDataset(Dataset):
         self.image_path, self.label_path = image_path, label_path
         self.data = torch.from_numpy(images.copy()).unsqueeze(1)  # [N, 1, H, W]
         self.targets: list[int] = labels.astype(np.int64).tolist()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = self.data[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return _to_float_image(image), self.targets[index]
 
 
 def _idx_candidates(kind: str, root: PathLike | None) -> list[Path]:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..io import read_json_file
+
 __all__ = ["ResISTConfig", "split_config", "config_error"]
 
 
@@ -71,13 +73,7 @@ def split_config(config: dict[str, Any] | str | Path | None) -> tuple[dict[str, 
     if config is None:
         raise ValueError("a DeepSpeed config (dict or JSON file path) is required")
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        config = read_json_file(config, "DeepSpeed config file")
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict or a JSON file path, but got {type(config).__name__}")
     ds = copy.deepcopy(config)
