@@ -82,7 +82,7 @@ def evaluate(
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     m = report["metrics"]
-    console = Console()
+    console = Console(width=max(100, Console().width))
     if "per_class" in m:
         table = Table(title=f"VOC AP ({report['data']['test_sets']}, {m['num_test']} images, IoU > 0.5)")
         for col in ("class", "AP (07 11-pt)", "AP (all-pt)", "objects", "detections"):
@@ -117,7 +117,7 @@ def plan(
         rep = plan_report(model, workers, min_blocks=min_blocks, seed=seed, rounds=rounds)
     except (ValueError, KeyError) as e:
         raise _fail(str(e)) from None
-    console = Console()
+    console = Console(width=max(100, Console().width))
     console.print(
         f"{rep['model']}: {rep['num_blocks']} partitionable blocks of {rep['block_params']:,} parameters; "
         f"shared {rep['shared_params']:,} of {rep['total_params']:,} parameters"
@@ -208,7 +208,7 @@ def demo(
         m = s.get("metrics", {})
         table.add_row(mode, f"{m.get('map_07', float('nan')):.4f}", f"{m.get('map_all', float('nan')):.4f}", f"{s['wall']:.1f}",
                       human_bytes(s["bytes"]), human_bytes(s["memory"]), human_bytes(s["peak_rss"]))
-    Console().print(table)
+    Console(width=max(110, Console().width)).print(table)
     typer.echo(f"plot: {res['plot']}")
     (Path(out) / "demo_summary.json").write_text(json.dumps(res, indent=2, default=float))
 
