@@ -46,7 +46,7 @@ class DataConfig(_Strict):
         default_factory=lambda: [("2007", "trainval"), ("2012", "trainval")], description="VOC (year, split) pairs to train on"
     )
     test_sets: list[tuple[str, str]] = Field(default_factory=lambda: [("2007", "test")], description="VOC (year, split) pairs to evaluate on")
-    classes: list[str] | None = Field(None, description="VOC class names (default: the 20 VOC classes)")
+    classes: list[str] | None = Field(None, description="VOC class names (default: the 20 VOC classes; [] = the names found in the training annotations)")
     augment: bool = Field(False, description="training augmentation (the paper's VOC recipe: off)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training images (smoke runs)")
