@@ -34,6 +34,11 @@ def block_tensors(module: nn.Module) -> list[Tensor]:
     return [p.data for p in module.parameters()] + [b for b in module.buffers() if b.is_floating_point()]
 
 
+def _flat_buffer(tensors: Sequence[Tensor]) -> Tensor:
+    """An uninitialised flat buffer that a flattened copy of ``tensors`` fits (no copy made)."""
+    return torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+
+
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
     out: list[list[Tensor]] = []
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
@@ -125,7 +130,7 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
             sends += [(flat, h, num_blocks + b) for h in targets]
         elif rank in targets:
             template = next(iter(mine_old.values()))
-            buf = torch.empty_like(_flatten_dense_tensors(block_tensors(template)))
+            buf = _flat_buffer(block_tensors(template))
             recvs.append((buf, r, num_blocks + b))
             incoming[b] = buf
     sent += _exchange(sends, recvs)
@@ -165,7 +170,7 @@ def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], plan: 
             else:
                 sends.append((flat, dst, b))
         elif rank == dst:
-            buf = torch.empty_like(_flatten_dense_tensors(block_tensors(out[b])))
+            buf = _flat_buffer(block_tensors(out[b]))
             recvs.append((buf, src, b))
             incoming[b] = buf
     sent = _exchange(sends, recvs)
