@@ -342,7 +342,7 @@ class ResISTEngine:
             )
         if state["config_digest"] != self.config.digest():
             raise ValueError("ResIST state was saved with a different 'resist' config section")
-        if self.config.mode == "resist" and not self.in_warmup and state.get("resist_start", 0) is None:
+        if self.config.mode == "resist" and not self.in_warmup and state["resist_start"] is None:
             raise ValueError(
                 "ResIST state was saved during the local-SGD warm-up, but this engine has already switched to "
                 "ResIST; load it into a freshly initialized engine"
@@ -353,9 +353,9 @@ class ResISTEngine:
         engine still in it (its extra blocks are dropped); load the module's weights after."""
         self._check_state(state)
         self.local_step = state["local_step"]
-        self.steps = state.get("steps", 0)
+        self.steps = state["steps"]
         self.bytes_sent = state["bytes_sent"]
-        start = state.get("resist_start", 0)
+        start = state["resist_start"]
         if self.config.mode == "resist" and start is not None:
             self._restart_plans(state["round"] - start)
             if self.in_warmup:

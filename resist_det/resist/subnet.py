@@ -67,9 +67,6 @@ class SlottedSection(nn.Module):
         self.assign(blocks)
         return removed
 
-    def slot_of(self, block: int) -> int:
-        return self.slot_blocks.index(block)
-
     def forward(self, x: Tensor) -> Tensor:
         for m in self._order:
             x = m(x)
