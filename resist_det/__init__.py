@@ -12,7 +12,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {"initialize", "Plan", "ResISTConfig", "ResISTEngine", "make_plan"}
+_LAZY = {"initialize", "Plan", "ResISTConfig", "ResISTEngine", "make_plan", "register_block"}
 __all__ = ["__version__", *sorted(_LAZY)]
 
 

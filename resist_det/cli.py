@@ -102,7 +102,7 @@ def evaluate(
 @app.command()
 def plan(
     workers: Annotated[int, typer.Option("--workers", "-S", min=1, help="Number of sub-ResNets (ranks).")] = 4,
-    model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth> or yolo-resnet<depth>.")] = "cifar-resnet101",
+    model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth>, yolo-resnet<depth>, vit-tiny or a torchvision model name.")] = "cifar-resnet101",
     min_blocks: Annotated[int, typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet.")] = 5,
     seed: Annotated[int, typer.Option(help="Plan seed.")] = 0,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to show.")] = 3,
@@ -111,11 +111,12 @@ def plan(
     from rich.console import Console
     from rich.table import Table
 
+    from .models.zoo import build_named_model
     from .resist.accounting import plan_report
 
     try:
-        rep = plan_report(model, workers, min_blocks=min_blocks, seed=seed, rounds=rounds)
-    except (ValueError, KeyError) as e:
+        rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed, rounds=rounds)
+    except (ValueError, KeyError, TypeError) as e:
         raise _fail(str(e)) from None
     console = Console(width=max(100, Console().width))
     console.print(

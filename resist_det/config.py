@@ -98,11 +98,12 @@ class Recipe(_Strict):
             raise ValueError("deepspeed.train_micro_batch_size_per_gpu is required (the batch per worker)")
         if "resist" in self.deepspeed:
             raise ValueError("put the resist section at the top level of the recipe, not inside deepspeed")
+        if "scheduler" in self.deepspeed and self.train.lr_schedule != LRSchedule():
+            raise ValueError(
+                "deepspeed.scheduler and train.lr_schedule both set the learning rate; keep one of them "
+                "(with deepspeed.scheduler, DeepSpeed steps it and the loop leaves the lr alone)"
+            )
         return self
-
-    def deepspeed_config(self) -> dict[str, Any]:
-        """The config for :func:`resist_det.initialize`: DeepSpeed's section plus ``resist``."""
-        return {**self.deepspeed, "resist": self.resist.model_dump()}
 
     @property
     def batch_size(self) -> int:

@@ -176,31 +176,51 @@ def test_sync_invariants(tmp_path, world, min_blocks):
 # ---- the assembled global network ------------------------------------------------------------
 def _global(rank, world):
     import resist_det
+    from resist_det.resist.adapters import branch_scale
 
     engine, *_ = resist_det.initialize(model=_net(seed=5, device="meta"), config=_cfg(local_steps=2, min_blocks=2))
     _train(engine, 4, torch.Generator().manual_seed(rank))  # ends right after the 2nd sync
-    net = engine.global_model(dst=0)
+    hooked = engine.global_model(dst=0, fold=False)
+    folded = engine.global_model(dst=0)
     mine = {engine.block_names[b]: s.state_dict() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+    if hooked is None:
+        return mine, None
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9))
-    return mine, (net.eval()(x) if net is not None else None), (net.state_dict() if net is not None else None), (
-        {n: m.residual_scale for n, m in net.named_modules() if hasattr(m, "residual_scale")} if net is not None else None
+    plain = _net()  # a fresh instance of the user's class takes the folded weights
+    plain.load_state_dict(folded.state_dict())
+    return mine, dict(
+        hooked_out=hooked.eval()(x), folded_out=folded.eval()(x), plain_out=plain.eval()(x),
+        hooked_state=hooked.state_dict(), folded_state=folded.state_dict(), folded_type=type(folded).__name__,
+        hooked_scales={n: branch_scale(m) for n, m in hooked.layer3.named_children()},
+        folded_scales={n: branch_scale(m) for n, m in folded.layer3.named_children()},
     )
 
 
 def test_global_model(tmp_path):
     res = run_on_ranks(_global, 3, tmp_path)
-    _, out, state, scales = res[0]
-    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    g = res[0][1]
+    assert res[1][1] is None and res[2][1] is None  # only on dst
     ref = _net()
-    assert state.keys() == ref.state_dict().keys()  # an ordinary network, the original names
-    for rank, (mine, *_rest) in enumerate(res):
+    assert g["folded_type"] == type(ref).__name__
+    assert list(g["folded_state"]) == list(ref.state_dict()) == list(g["hooked_state"])  # the original keys
+    for rank, (mine, _) in enumerate(res):
         for name, block_state in mine.items():
             for k, v in block_state.items():
                 if v.is_floating_point():  # (the integer BN step counter stays local)
-                    assert torch.equal(state[f"{name}.{k}"], v), (rank, name, k)
+                    assert torch.equal(g["hooked_state"][f"{name}.{k}"], v), (rank, name, k)
     k = 2
-    assert scales["layer3.0"] == 1.0
-    assert all(scales[f"layer3.{i}"] == k / 6 for i in range(1, 7))
+    assert g["hooked_scales"] == {"0": 1.0, **{str(i): k / 6 for i in range(1, 7)}}
+    assert set(g["folded_scales"].values()) == {1.0}  # folded: no hooks left
+    # The scale sits in each partitioned block's last conv (pre-activation branch), nowhere else.
+    for key, v in g["folded_state"].items():
+        scaled = key.startswith("layer3.") and not key.startswith("layer3.0.") and key.endswith("conv2.weight")
+        if scaled:
+            torch.testing.assert_close(v, g["hooked_state"][key] * (k / 6), rtol=1e-6, atol=0, msg=key)
+        else:
+            assert torch.equal(v, g["hooked_state"][key]), key
+    assert torch.isfinite(g["hooked_out"]).all()
+    torch.testing.assert_close(g["folded_out"], g["hooked_out"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g["plain_out"], g["hooked_out"], rtol=1e-5, atol=1e-6)
 
 
 # ---- bad input, before any training ---------------------------------------------------------

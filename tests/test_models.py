@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from resist_det.models import cifar_preact_resnet101, preact_resnet, resnet
-from resist_det.resist.partition import build_block, partitionable_blocks, set_residual_scales
+from resist_det.resist.adapters import branch_scale, fold_branch_scale, set_branch_scale
+from resist_det.resist.partition import build_block, partitionable_blocks
 
 
 # ---- hand-computed parameter counts (He et al. 2016 layouts) ---------------------------------
@@ -73,24 +74,25 @@ def test_forward_shapes(in_ch, size, stem):
     assert feats.shape[1] == 512 and feats.shape[-1] == (4 if stem == "cifar" else 7)
 
 
-@pytest.mark.parametrize("build", [lambda: preact_resnet(34, stem="cifar", num_classes=10), lambda: resnet(34)])
-def test_residual_scale(build):
+@pytest.mark.parametrize("build", [lambda: preact_resnet(34, stem="cifar", num_classes=10), lambda: resnet(34), lambda: resnet(50)])
+def test_branch_scale_and_fold(build):
     net = build().eval()
     name = partitionable_blocks(net)[2]
     block = dict(net.named_modules())[name]
-    x = torch.relu(torch.randn(2, 256, 8, 8))  # post-ReLU input, as inside a post-activation net
+    channels = block.conv1.in_channels
+    x = torch.relu(torch.randn(2, channels, 8, 8))  # post-ReLU input, as inside a post-activation net
     ref = block(x.clone())
-    block.residual_scale = 0.0
+    set_branch_scale(block, 0.0)
     assert torch.equal(block(x.clone()), x)  # scale 0 is exactly the identity
-    block.residual_scale = 1.0
-    assert torch.equal(block(x.clone()), ref)  # scale 1 reproduces the unscaled block
-    block.residual_scale = 0.5
-    half = block(x.clone())
-    assert not torch.equal(half, ref) and not torch.equal(half, x)
-    set_residual_scales(net, {name: 0.25})
-    assert block.residual_scale == 0.25
-    with pytest.raises(KeyError, match="layer9"):
-        set_residual_scales(net, {"layer9.1": 0.5})
+    set_branch_scale(block, 1.0)
+    assert torch.equal(block(x.clone()), ref) and branch_scale(block) == 1.0  # scale 1 reproduces the block
+    set_branch_scale(block, 0.25)
+    quarter = block(x.clone())
+    assert branch_scale(block) == 0.25 and not torch.equal(quarter, ref) and not torch.equal(quarter, x)
+    keys = list(block.state_dict())
+    fold_branch_scale(block, 0.25)  # the same function, as plain weights of the same class
+    assert branch_scale(block) == 1.0 and list(block.state_dict()) == keys
+    torch.testing.assert_close(block(x.clone()), quarter, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("build", [lambda d: cifar_preact_resnet101(device=d), lambda d: resnet(101, device=d)])
@@ -107,7 +109,7 @@ def test_block_pattern_errors():
         partitionable_blocks(net, r"^layer7\.\d+$")
     with pytest.raises(ValueError, match="strided block 'layer3.0'"):
         partitionable_blocks(net, r"^layer3\.\d+$")
-    with pytest.raises(ValueError, match="not a scalable residual block"):
+    with pytest.raises(ValueError, match="which is not a residual block"):
         partitionable_blocks(net, r"^layer3$")
     with pytest.raises(ValueError, match="several sections"):
         partitionable_blocks(net, r"^layer[23]\.[1-3]$")

@@ -77,25 +77,27 @@ def _shared(engine):
 def _warmup_and_switch(rank, world):
     from resist_det import initialize
     from resist_det.resist.engine import memory_footprint
-    from resist_det.resist.partition import set_residual_scales
+    from resist_det.resist.adapters import branch_scale, set_branch_scale
     from resist_det.resist.plan import make_plan
 
     out = {}
     # The reference: mode local_sgd on the same network, partitionable blocks scaled by k/n.
-    ref_net = set_residual_scales(_net(), {f"layer3.{i}": SCALE for i in range(1, N_BLOCKS + 1)})
+    ref_net = _net()
+    for i in range(1, N_BLOCKS + 1):
+        set_branch_scale(ref_net.layer3[i], SCALE)
     ref, *_ = initialize(model=ref_net, config=_cfg(mode="local_sgd"))
     engine, optimizer, *_ = initialize(model=_net(device="meta"), config=_cfg(**WARMUP_CFG))
     block_numel = sum(p.numel() for p in engine.section.slots[0].parameters())
 
     # Warm-up: the whole network on every rank, blocks scaled, everything averaged at each sync.
     out["warmup_slots"] = list(engine.section.slot_blocks)
-    out["warmup_scales"] = [s.residual_scale for s in engine.section.slots]
+    out["warmup_scales"] = [branch_scale(s) for s in engine.section.slots]
     out["warmup_params"] = sum(p.numel() for p in engine.module.parameters())
     _train(engine, rank, 0, 2)
     _train(ref, rank, 0, 2)
     out["after_first_sync"] = (engine.round, engine.in_warmup)
-    net = engine.global_model()  # every rank holds every block: nothing to gather
-    out["warmup_global"] = (_floats(net.state_dict()), net.layer3[1].residual_scale) if net is not None else None
+    net = engine.global_model(fold=False)  # every rank holds every block: nothing to gather
+    out["warmup_global"] = (_floats(net.state_dict()), branch_scale(net.layer3[1])) if net is not None else None
     out["warmup_ref"] = _floats(ref.module.state_dict())
     out["warmup_slot_values"] = _blocks(engine)
     memory_before = memory_footprint(engine)
@@ -117,7 +119,7 @@ def _warmup_and_switch(rank, world):
     out["freed"] = {b: [r() is None for r in rs] for b, rs in refs.items()}
     out["n_params"] = sum(p.numel() for p in engine.module.parameters())
     out["block_numel"] = block_numel
-    out["slot_scales"] = [s.residual_scale for s in engine.section.slots]
+    out["slot_scales"] = [branch_scale(s) for s in engine.section.slots]
 
     # ResIST rounds: DeepSpeed steps, the sync invariants of a round hold.
     _step(engine, rank, 3)
@@ -130,13 +132,11 @@ def _warmup_and_switch(rank, world):
     opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     out["opt_is_module"] = opt_params == module_params and len(opt_params) == len([p for g in optimizer.param_groups for p in g["params"]])
     out["state_in_module"] = set(map(id, optimizer.state)) <= module_params and len(optimizer.state) > 0
-    out["names_are_module"] = {n: id(p) for p, n in engine.engine.param_names.items()} == {n: id(p) for n, p in engine.module.named_parameters()}
+    out["names_are_module"] = {n: id(p) for p, n in engine.param_names.items()} == {n: id(p) for n, p in engine.module.named_parameters()}
     out["memory"] = (memory_before, memory_at_switch, memory_footprint(engine))
-    out["train_scales"] = [s.residual_scale for s in engine.section.slots]
-    net = engine.global_model()
-    out["global_scales"] = (
-        {n: m.residual_scale for n, m in net.named_modules() if hasattr(m, "residual_scale")} if net is not None else None
-    )
+    out["train_scales"] = [branch_scale(s) for s in engine.section.slots]
+    net = engine.global_model(fold=False)
+    out["global_scales"] = {f"layer3.{n}": branch_scale(m) for n, m in net.layer3.named_children()} if net is not None else None
     return out
 
 

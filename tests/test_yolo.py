@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torchvision.ops import box_iou
 
-from resist_det.models.init import network_units, seeded_init_
+from resist_det.resist.seeding import network_units, seeded_init_
 from resist_det.models.yolo import VOC_ANCHORS, decode_predictions, rescale_boxes, yolo_resnet
 from resist_det.models.yolo_loss import YOLOv2Loss, assign_targets
 from resist_det.resist.partition import build_block, partitionable_blocks

@@ -1,7 +1,6 @@
-"""Networks: pre-activation ResNets (classification), torchvision ResNets with scalable blocks."""
+"""Networks: pre-activation ResNets (classification), seeded torchvision ResNets, the YOLOv2-style detector."""
 
-from .blocks import PreActBasicBlock, PreActBottleneck, ScalableBasicBlock, ScalableBottleneck
-from .init import init_network_, seeded_init_
+from .blocks import PreActBasicBlock, PreActBottleneck
 from .preact_resnet import DEPTHS, PreActResNet, cifar_preact_resnet101, preact_resnet
 from .resnet import resnet
 
@@ -10,13 +9,9 @@ __all__ = [
     "PreActBasicBlock",
     "PreActBottleneck",
     "PreActResNet",
-    "ScalableBasicBlock",
-    "ScalableBottleneck",
     "cifar_preact_resnet101",
-    "init_network_",
     "preact_resnet",
     "resnet",
-    "seeded_init_",
 ]
 
 from .yolo import VOC_ANCHORS, YOLODetector, decode_predictions, rescale_boxes, yolo_resnet

@@ -1,21 +1,18 @@
-"""Residual blocks whose residual branch can be scaled: ``y = shortcut(x) + scale * f(x)``.
+"""Pre-activation residual blocks (He et al. 2016, "Identity mappings in deep residual networks").
 
-``residual_scale`` is 1 during training.  ResIST's global network scales each partitioned
-block's branch by the probability that a sub-ResNet held it (paper section 2.6), like
-inference after stochastic depth.  The scale is a plain attribute, not a parameter or buffer:
-it is a property of how the network is assembled, saved beside a checkpoint, never trained.
+Plain modules: ResIST scales and folds their residual branch through the adapters registered
+at the end of this file (:mod:`resist_det.resist.adapters`); the branch of a pre-activation
+block ends in its last convolution.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchvision.models import resnet as tv_resnet
+from ..resist.adapters import register_block
 
 __all__ = [
     "PreActBasicBlock",
     "PreActBottleneck",
-    "ScalableBasicBlock",
-    "ScalableBottleneck",
 ]
 
 
@@ -46,14 +43,13 @@ class PreActBasicBlock(nn.Module):
         self.conv2 = _conv3x3(planes, out)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = _conv1x1(inplanes, out, stride) if stride != 1 or inplanes != out else None
-        self.residual_scale = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))
         identity = x if self.shortcut is None else self.shortcut(pre)
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
-        return identity + out if self.residual_scale == 1.0 else identity + self.residual_scale * out
+        return identity + out
 
 
 class PreActBottleneck(nn.Module):
@@ -73,7 +69,6 @@ class PreActBottleneck(nn.Module):
         self.conv3 = _conv1x1(planes, out)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = _conv1x1(inplanes, out, stride) if stride != 1 or inplanes != out else None
-        self.residual_scale = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
         pre = self.relu(self.bn1(x))
@@ -81,42 +76,8 @@ class PreActBottleneck(nn.Module):
         out = self.conv1(pre)
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.relu(self.bn3(out)))
-        return identity + out if self.residual_scale == 1.0 else identity + self.residual_scale * out
+        return identity + out
 
 
-class ScalableBasicBlock(tv_resnet.BasicBlock):
-    """torchvision's post-activation basic block with a scalable residual branch.
-
-    Same submodules and parameter names as torchvision, so torchvision weights load unchanged.
-    ``y = relu(identity + scale * f(x))``; with scale 0 and a post-ReLU (non-negative) input,
-    ``y == x`` exactly.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.residual_scale = 1.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.residual_scale != 1.0:
-            out = self.residual_scale * out
-        return self.relu(out + identity)
-
-
-class ScalableBottleneck(tv_resnet.Bottleneck):
-    """torchvision's post-activation bottleneck with a scalable residual branch."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.residual_scale = 1.0
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.residual_scale != 1.0:
-            out = self.residual_scale * out
-        return self.relu(out + identity)
+register_block(PreActBasicBlock, branch="conv2")
+register_block(PreActBottleneck, branch="conv3")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import PreActBasicBlock, PreActBottleneck
-from .init import init_network_
+from ..resist.seeding import init_network_
 
 __all__ = ["PreActResNet", "preact_resnet", "cifar_preact_resnet101", "DEPTHS"]
 
@@ -52,7 +52,7 @@ class PreActResNet(nn.Module):
             ``"imagenet"`` (7x7 conv stride 2, BN-ReLU, 3x3 max-pool).
         base_width: channels of section 1 (64 in He et al.); sections double it. Small
             widths give fast test and demo networks.
-        seed: seed of the per-unit initialisation (see :mod:`resist_det.models.init`).
+        seed: seed of the per-unit initialisation (see :mod:`resist_det.resist.seeding`).
     """
 
     def __init__(

@@ -1,31 +1,30 @@
-"""torchvision's (post-activation) ResNets with scalable residual branches.
+"""torchvision's (post-activation) ResNets, initialised per unit from a seed.
 
-The detector backbone is torchvision's own ``resnet101``: the same class, the same module
-names (``layer3.5.conv2.weight``...), so torchvision checkpoints load unchanged; only the
-blocks are the :mod:`resist_det.models.blocks` subclasses that accept ``residual_scale``.
+The detector backbone is torchvision's own ``resnet101``: the same class and blocks, the same
+module names (``layer3.5.conv2.weight``...), so torchvision checkpoints load unchanged.  ResIST
+scales their residual branches through its adapters (:mod:`resist_det.resist.adapters`).
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.models.resnet import ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .blocks import ScalableBasicBlock, ScalableBottleneck
-from .init import init_network_
+from ..resist.seeding import init_network_
 
 __all__ = ["resnet", "TV_DEPTHS"]
 
 TV_DEPTHS = {
-    18: (ScalableBasicBlock, [2, 2, 2, 2]),
-    34: (ScalableBasicBlock, [3, 4, 6, 3]),
-    50: (ScalableBottleneck, [3, 4, 6, 3]),
-    101: (ScalableBottleneck, [3, 4, 23, 3]),
-    152: (ScalableBottleneck, [3, 8, 36, 3]),
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+    152: (Bottleneck, [3, 8, 36, 3]),
 }
 
 
 def resnet(depth: int = 101, *, num_classes: int = 1000, seed: int = 0, device: torch.device | str | None = None) -> ResNet:
-    """torchvision ``ResNet`` of the given depth whose blocks have a ``residual_scale``.
+    """torchvision ``ResNet`` of the given depth.
 
     Initialised per unit from ``seed`` (He-normal convolutions, as torchvision), so any
     block can be rebuilt alone; ``device="meta"`` gives the structure only.

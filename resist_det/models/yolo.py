@@ -1,6 +1,6 @@
 """YOLOv2-style detector on a torchvision ResNet backbone (ResIST paper, section 5).
 
-The backbone is torchvision's ``ResNet`` (blocks with a ``residual_scale``) kept under the
+The backbone is torchvision's ``ResNet`` (stock blocks) kept under the
 attribute ``backbone`` with its torchvision names (``backbone.conv1``, ``backbone.layer3.5``...),
 so :func:`resist_det.resist.partition.partitionable_blocks` finds ``backbone.layer3`` and
 torchvision checkpoints load with ``strict=False`` (only ``fc`` is gone).  The stride-32 output
@@ -31,7 +31,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import ResNet
 
-from .init import init_network_
+from ..resist.seeding import init_network_
 from .resnet import TV_DEPTHS, resnet
 
 __all__ = [

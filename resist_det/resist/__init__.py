@@ -1,14 +1,17 @@
 """The ResIST algorithm, importable without the detector, datasets or CLI.
 
-``initialize`` is the drop-in for ``deepspeed.initialize``; ``plan``, ``subnet`` and ``sync``
-are the pure pieces it is built from.  Names that need DeepSpeed load on first use.
+``initialize`` is the drop-in for ``deepspeed.initialize``; ``plan``, ``schedule``,
+``adapters``, ``subnet``, ``sync`` and ``strategies`` are the pieces it is built from.  Names
+that need DeepSpeed load on first use.
 """
 
 from typing import Any
 
+from .adapters import branch_scale, fold_branch_scale, register_block, set_branch_scale
 from .config import ResISTConfig
-from .partition import partitionable_blocks, set_residual_scales
+from .partition import partitionable_blocks
 from .plan import Plan, inclusion_probability, iter_plans, make_plan
+from .schedule import RoundSchedule
 
 _LAZY = {"initialize": ".build", "ResISTEngine": ".engine", "memory_footprint": ".engine"}
 
@@ -16,13 +19,17 @@ __all__ = [
     "Plan",
     "ResISTConfig",
     "ResISTEngine",
+    "RoundSchedule",
+    "branch_scale",
+    "fold_branch_scale",
     "inclusion_probability",
     "initialize",
     "iter_plans",
     "make_plan",
     "memory_footprint",
     "partitionable_blocks",
-    "set_residual_scales",
+    "register_block",
+    "set_branch_scale",
 ]
 
 

@@ -16,29 +16,7 @@ from torch import nn
 from .partition import partitionable_blocks
 from .plan import blocks_per_worker, inclusion_probability, iter_plans, p2p_sends
 
-__all__ = ["build_named_model", "split_sizes", "plan_report"]
-
-
-def build_named_model(name: str, num_classes: int = 100) -> nn.Module:
-    """A network by name, on the meta device: ``cifar-resnet101``, ``preact-resnet<d>``, ``yolo-resnet<d>``."""
-    m = re.fullmatch(r"(cifar-resnet101|preact-resnet(\d+)|yolo-resnet(\d+)|resnet(\d+))", name)
-    if m is None:
-        raise ValueError(f"--model must be cifar-resnet101, preact-resnet<depth>, resnet<depth> or yolo-resnet<depth>, got {name!r}")
-    if name == "cifar-resnet101":
-        from ..models.preact_resnet import cifar_preact_resnet101
-
-        return cifar_preact_resnet101(num_classes, device="meta")
-    if m.group(2):
-        from ..models.preact_resnet import preact_resnet
-
-        return preact_resnet(int(m.group(2)), num_classes=num_classes, device="meta")
-    if m.group(4):
-        from ..models.resnet import resnet
-
-        return resnet(int(m.group(4)), num_classes=num_classes, device="meta")
-    from ..models.yolo import yolo_resnet
-
-    return yolo_resnet(int(m.group(3)), num_classes=20, device="meta")
+__all__ = ["split_sizes", "plan_report"]
 
 
 def _tensor_elems(module: nn.Module) -> int:
@@ -56,10 +34,12 @@ def split_sizes(model: nn.Module, pattern: str | None = None) -> dict[str, int]:
             "total_params": sum(p.numel() for p in model.parameters())}
 
 
-def plan_report(model_name: str, workers: int, *, min_blocks: int = 5, seed: int = 0, rounds: int = 3,
-                bytes_per_elem: int = 4) -> dict[str, Any]:
-    """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks)."""
-    model = build_named_model(model_name)
+def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blocks: int = 5, seed: int = 0,
+                rounds: int = 3, bytes_per_elem: int = 4) -> dict[str, Any]:
+    """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks).
+
+    ``model`` may live on the meta device: only shapes are read.
+    """
     sizes = split_sizes(model)
     n = sizes["num_blocks"]
     k = blocks_per_worker(workers, n, min(min_blocks, n))
@@ -74,9 +54,9 @@ def plan_report(model_name: str, workers: int, *, min_blocks: int = 5, seed: int
             "groups": p.groups,
             "bytes": None if moved is None else allreduce(sizes["shared"]) + moved * sizes["block"] * bytes_per_elem,
         })
-    full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)layer\d+$", name)) or None
+    full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)(layer\d+|encoder\.layers)$", name)) or None
     return {
-        "model": model_name,
+        "model": model_name or type(model).__name__,
         "num_blocks": n,
         "block_params": sizes["block_params"],
         "total_params": sizes["total_params"],

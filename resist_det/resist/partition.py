@@ -1,124 +1,110 @@
-"""Which residual blocks of a network ResIST may partition, and how to scale them.
+"""Which residual blocks of a network ResIST may partition.
 
 A block is *partitionable* when it can be left out of a sub-ResNet: its shortcut is the
-identity, so skipping it maps a valid input to a valid input.  Strided or width-changing
-blocks (a projection shortcut) are always shared.  By default the partitionable blocks are
-the non-strided blocks of section 3 (paper section 2.2; 22 of 23 in ResNet101); a regular
-expression over module names selects others, e.g. ``r"^layer[23]\\.\\d+$"`` is refused (mixed
-shapes) but ``r"^layer3\\.(1[0-9]|2[0-2])$"`` selects the last 13 blocks of section 3.
+identity (:mod:`resist_det.resist.adapters`).  Strided or width-changing blocks are always
+shared.  By default the partitioned section is the first module named ``layer3`` (a ResNet's
+section 3, top level or nested as in ``backbone.body.layer3``; paper section 2.2: 22 of 23
+blocks of ResNet101) or, for a vision transformer, its ``encoder.layers``.  A regular
+expression over module names selects other blocks of one section, e.g.
+``r"layer3\\.(1[0-9]|2[0-2])"`` selects the last 13 blocks of section 3.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ..models.init import seeded_init_
+from .adapters import adapter_for, unknown_block_error
+from .seeding import seeded_init_
 
-__all__ = [
-    "DEFAULT_SECTION",
-    "is_strided",
-    "partitionable_blocks",
-    "set_residual_scales",
-    "residual_scales",
-    "build_block",
-]
+__all__ = ["DEFAULT_SECTIONS", "find_section", "partitionable_blocks", "build_block"]
 
-DEFAULT_SECTION = "layer3"
+#: Where the partitioned section is looked for, in order (a module with this name or ending in it).
+DEFAULT_SECTIONS = ("layer3", "encoder.layers")
 
 
-def is_strided(block: nn.Module) -> bool:
-    """True when the block changes shape (stride != 1 or a projection shortcut)."""
-    for attr in ("downsample", "shortcut"):
-        if getattr(block, attr, None) is not None:
-            return True
-    stride = getattr(block, "stride", 1)
-    stride = stride if isinstance(stride, int) else max(stride)
-    return stride != 1
+def find_section(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The default partitioned section of ``model``: ``(name, module)``, or ``None``."""
+    modules = list(model.named_modules())
+    for suffix in DEFAULT_SECTIONS:
+        for name, m in modules:
+            if name == suffix or name.endswith("." + suffix):
+                return name, m
+    return None
 
 
-def _is_block(m: nn.Module) -> bool:
-    return hasattr(m, "residual_scale")
+def _check_section(name: str, section: nn.Module) -> None:
+    if not isinstance(section, nn.Sequential):
+        raise TypeError(
+            f"{name!r} is a {type(section).__name__}, but ResIST needs the partitioned section to be an nn.Sequential "
+            "of residual blocks; wrap its blocks in an nn.Sequential or choose blocks with resist.block_pattern"
+        )
 
 
 def partitionable_blocks(model: nn.Module, pattern: str | None = None) -> list[str]:
     """Names of the blocks ResIST may partition, in network order.
 
     Args:
-        model: a network whose residual blocks carry a ``residual_scale`` attribute (the
-            blocks of :mod:`resist_det.models`).
+        model: any network whose residual blocks have a registered adapter (torchvision
+            ResNets and ViTs, detection backbones, this project's models, ``register_block``).
         pattern: regular expression matched (``re.fullmatch``) against module names.  ``None``
-            selects every non-strided block of the first module named ``layer3``
-            (top level or nested, e.g. ``backbone.layer3``).
+            selects every partitionable block of the default section (:data:`DEFAULT_SECTIONS`).
 
     Raises:
-        ValueError: the pattern matches nothing, matches a module that is not a scalable
-            residual block, matches a strided block, or selects blocks of different shapes
-            or in different sections.
+        TypeError: the section is not an ``nn.Sequential``, or holds a block of unknown type.
+        ValueError: the pattern matches nothing, matches a module that is not a residual
+            block, matches a strided block, or selects blocks of different shapes or sections.
     """
     if pattern is None:
-        # The first ``layer3`` found, at top level or nested (a detector's ``backbone.layer3``).
-        section_name, section = next(
-            ((n, m) for n, m in model.named_modules() if n == DEFAULT_SECTION or n.endswith("." + DEFAULT_SECTION)),
-            ("", None),
-        )
-        if not isinstance(section, nn.Sequential):
+        found = find_section(model)
+        if found is None:
             return []
-        names = [f"{section_name}.{i}" for i, b in enumerate(section) if _is_block(b) and not is_strided(b)]
-    else:
-        try:
-            rx = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"block pattern {pattern!r} is not a valid regular expression: {e}") from None
-        names = [n for n, _ in model.named_modules() if n and rx.fullmatch(n)]
-        if not names:
-            raise ValueError(f"block pattern {pattern!r} matches no module of {type(model).__name__}")
-        modules = dict(model.named_modules())
-        for n in names:
-            if not _is_block(modules[n]):
-                raise ValueError(
-                    f"block pattern {pattern!r} matches {n!r}, a {type(modules[n]).__name__}, which is not a "
-                    "scalable residual block (use the blocks of resist_det.models)"
-                )
-            if is_strided(modules[n]):
-                raise ValueError(
-                    f"block pattern {pattern!r} matches the strided block {n!r}; strided blocks change the "
-                    "feature shape and must stay shared"
-                )
-        parents = {n.rsplit(".", 1)[0] for n in names}
-        if len(parents) > 1:
-            raise ValueError(f"block pattern {pattern!r} selects blocks of several sections {sorted(parents)}; choose one")
-        shapes = {tuple((k, tuple(v.shape)) for k, v in modules[n].state_dict().items()) for n in names}
-        if len(shapes) > 1:
-            raise ValueError(f"block pattern {pattern!r} selects blocks with different parameter shapes")
-    return names
-
-
-def set_residual_scales(model: nn.Module, scales: Mapping[str, float]) -> nn.Module:
-    """Set ``residual_scale`` of the named blocks; unknown names are an error."""
+        section_name, section = found
+        _check_section(section_name, section)
+        for child, b in section.named_children():
+            if adapter_for(b) is None:
+                raise unknown_block_error(f"{section_name}.{child}", b)
+        return [f"{section_name}.{child}" for child, b in section.named_children() if adapter_for(b).identity(b)]
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"resist.block_pattern {pattern!r} is not a valid regular expression: {e}") from None
     modules = dict(model.named_modules())
-    for name, s in scales.items():
-        if name not in modules or not _is_block(modules[name]):
-            raise KeyError(f"no scalable residual block named {name!r} in {type(model).__name__}")
-        modules[name].residual_scale = float(s)
-    return model
-
-
-def residual_scales(model: nn.Module) -> dict[str, float]:
-    """The ``residual_scale`` of every block that is not 1."""
-    return {n: float(m.residual_scale) for n, m in model.named_modules() if _is_block(m) and m.residual_scale != 1.0}
+    names = [n for n in modules if n and rx.fullmatch(n)]
+    if not names:
+        raise ValueError(f"resist.block_pattern {pattern!r} matches no module of {type(model).__name__}")
+    for n in names:
+        adapter = adapter_for(modules[n])
+        if adapter is None:
+            raise ValueError(
+                f"resist.block_pattern {pattern!r} matches {n!r}, a {type(modules[n]).__name__}, which is not a "
+                "residual block; match the blocks themselves (e.g. 'layer3\\.\\d+') or register the type with "
+                "resist_det.register_block"
+            )
+        if not adapter.identity(modules[n]):
+            raise ValueError(
+                f"resist.block_pattern {pattern!r} matches the strided block {n!r}; strided blocks change the "
+                "feature shape and must stay shared"
+            )
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) > 1:
+        raise ValueError(f"resist.block_pattern {pattern!r} selects blocks of several sections {sorted(parents)}; choose one")
+    _check_section(parents.pop(), model.get_submodule(names[0].rpartition(".")[0]))
+    shapes = {tuple((k, tuple(v.shape)) for k, v in modules[n].state_dict().items()) for n in names}
+    if len(shapes) > 1:
+        raise ValueError(f"resist.block_pattern {pattern!r} selects blocks with different parameter shapes")
+    return names
 
 
 def build_block(template: nn.Module, name: str, seed: int, device: torch.device | str = "cpu") -> nn.Module:
     """Build block ``name`` of ``template`` alone, initialised from ``(seed, name)``.
 
     ``template`` may live on the meta device (no memory); the result is bit-identical to the
-    same block inside a network built with :func:`resist_det.models.init.init_network_` and
-    the same seed.
+    same block inside a network initialised with
+    :func:`resist_det.resist.seeding.init_network_` and the same seed.
     """
     modules = dict(template.named_modules())
     if name not in modules:

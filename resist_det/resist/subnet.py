@@ -14,12 +14,14 @@ releasing the other slots.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..models.init import network_units, seeded_init_
+from .seeding import network_units, seeded_init_
 
 __all__ = ["SlottedSection", "make_sub_resnet", "get_submodule_parent"]
 
@@ -31,14 +33,22 @@ class SlottedSection(nn.Module):
         fixed: blocks that every sub-ResNet keeps, with their positions in the section.
         slots: ``k`` blocks of identical structure.
         positions: position (in the original section) of each partitionable block index.
+        child_names: the names of the original section's children, in order.
     """
 
-    def __init__(self, fixed: Sequence[tuple[int, nn.Module]], slots: Sequence[nn.Module], positions: Sequence[int]) -> None:
+    def __init__(
+        self,
+        fixed: Sequence[tuple[int, nn.Module]],
+        slots: Sequence[nn.Module],
+        positions: Sequence[int],
+        child_names: Sequence[str],
+    ) -> None:
         super().__init__()
         self.fixed = nn.ModuleList([m for _, m in fixed])
         self.fixed_positions = [p for p, _ in fixed]
         self.slots = nn.ModuleList(slots)
         self.positions = list(positions)  # partitionable block index -> position in the section
+        self.child_names = list(child_names)  # the original section's child names, by position
         self.slot_blocks: list[int] = []  # block index held by each slot
         self._order: list[nn.Module] = []
 
@@ -66,6 +76,13 @@ class SlottedSection(nn.Module):
         self.slots = nn.ModuleList([held[b] for b in blocks])
         self.assign(blocks)
         return removed
+
+    def as_sequential(self, blocks: Sequence[nn.Module]) -> nn.Sequential:
+        """The original section (an ``nn.Sequential`` with its child names) from copies of the
+        fixed blocks and ``blocks[b]`` for every partitionable block ``b``."""
+        seq = [(p, copy.deepcopy(m)) for p, m in zip(self.fixed_positions, self.fixed)]
+        seq += [(self.positions[b], m) for b, m in enumerate(blocks)]
+        return nn.Sequential(OrderedDict((self.child_names[p], m) for p, m in sorted(seq, key=lambda t: t[0])))
 
     def forward(self, x: Tensor) -> Tensor:
         for m in self._order:
@@ -100,11 +117,13 @@ def make_sub_resnet(
     section = model.get_submodule(section_name)
     if not isinstance(section, nn.Sequential):
         raise TypeError(f"{section_name!r} must be an nn.Sequential of residual blocks, got {type(section).__name__}")
-    positions = [int(n.rpartition(".")[2]) for n in block_names]
+    child_names = list(section._modules)
+    children = list(section.children())
+    positions = [child_names.index(n.rpartition(".")[2]) for n in block_names]
     partitioned = set(positions)
-    fixed = [(i, section[i]) for i in range(len(section)) if i not in partitioned]
-    slots = [section[positions[b]] for b in held]
-    container = SlottedSection(fixed, slots, positions)
+    fixed = [(i, children[i]) for i in range(len(children)) if i not in partitioned]
+    slots = [children[positions[b]] for b in held]
+    container = SlottedSection(fixed, slots, positions, child_names)
     was_meta = any(p.is_meta for p in model.parameters())
     parent, child = get_submodule_parent(model, section_name)
     setattr(parent, child, container)  # the blocks not held are released here
@@ -116,7 +135,7 @@ def make_sub_resnet(
             if not name.startswith(section_name + "."):
                 seeded_init_(unit, seed, name)
         for pos, m in fixed:
-            seeded_init_(m, seed, f"{section_name}.{pos}")
+            seeded_init_(m, seed, f"{section_name}.{child_names[pos]}")
         for b, m in zip(held, slots):
             seeded_init_(m, seed, block_names[b])
     container.assign(held)

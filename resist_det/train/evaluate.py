@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from ..config import load_recipe
-from ..resist.partition import set_residual_scales
 from .loop import GLOBAL_MODEL_FILE
 from .tasks import build_task
 
@@ -25,13 +24,13 @@ def _checkpoint_file(checkpoint: str | Path) -> Path:
 
 
 def load_global_model(checkpoint: str | Path) -> tuple[dict[str, Any], Any]:
-    """The saved record of a global network (weights, residual scales, recipe) and its recipe."""
+    """The saved record of a global network (weights with the residual scales folded in, recipe) and its recipe."""
     path = _checkpoint_file(checkpoint)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({e})") from None
-    for key in ("model", "recipe", "residual_scales"):
+    for key in ("model", "recipe"):
         if key not in saved:
             raise ValueError(f"--checkpoint: {path} has no {key!r} entry; not a resist_det global model")
     return saved, load_recipe(saved["recipe"])
@@ -61,7 +60,6 @@ def evaluate_checkpoint(
     task = build_task(recipe, with_train=False)
     net = task.make_model(None)
     net.load_state_dict(saved["model"])
-    set_residual_scales(net, saved["residual_scales"])
     metrics = task.evaluate(net, batch_size=batch_size, conf_threshold=recipe.train.conf_threshold)
     return {
         "checkpoint": str(_checkpoint_file(checkpoint)),

@@ -37,15 +37,14 @@ def recipe_path(name: str | Path) -> Path:
 
 def check_resume(recipe: Recipe, world_size: int) -> str:
     """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
+    from ..resist.checkpoint import check_checkpoint, latest_tag
+
     ckpt = Path(recipe.train.output_dir) / "checkpoints"
-    latest = ckpt / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint to resume from in {ckpt} (no 'latest' file)")
-    tag = latest.read_text().strip()
-    if recipe.resist.mode != "ddp":
-        ranks = len(list((ckpt / tag).glob("resist_rank*.pt")))
-        if ranks != world_size:
-            raise ValueError(f"--resume: checkpoint {ckpt / tag} was written by {ranks} ranks, but --nproc is {world_size}")
+    try:
+        tag = latest_tag(ckpt)
+        check_checkpoint(ckpt, tag, world_size, recipe.resist)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"--resume: {e}") from None
     saved = Path(recipe.train.output_dir) / "recipe.json"
     if saved.is_file():
         old = json.loads(saved.read_text())

@@ -13,6 +13,7 @@ import resource
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,103 +72,143 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@dataclass
+class Run:
+    """What one rank trains with: the recipe's task, the engine, the data and the run's files."""
+
+    recipe: Recipe
+    rank: int
+    world: int
+    task: Any
+    engine: Any
+    sampler: DistributedSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    out: Path
+    log: MetricsLog | None = None
+    memory: dict[str, int] = field(default_factory=dict)
+
+
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Train ``recipe`` on this process's rank; returns the final summary on rank 0."""
-    import resist_det
-    from ..resist.engine import memory_footprint
-
-    rank, world = init_distributed()
-    out = Path(recipe.train.output_dir)
-    ckpt = checkpoint_dir(recipe)
-    torch.manual_seed(recipe.train.seed)
-    task = build_task(recipe)
-    model = task.make_model("meta" if recipe.resist.mode == "resist" else None)
-    engine, _, _, _ = resist_det.initialize(model=model, config=recipe.deepspeed_config())
-
-    batch = recipe.batch_size
-    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=recipe.train.seed, drop_last=True)
-    loader = DataLoader(
-        task.train_set, batch_size=batch, sampler=sampler, collate_fn=task.collate,
-        num_workers=recipe.data.num_workers, drop_last=True,
-    )
-    steps_per_epoch = len(loader)
-    if recipe.train.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, recipe.train.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training set ({len(task.train_set)} images) is smaller than one batch per rank "
-            f"({batch} x {world} ranks)"
-        )
-
-    start_epoch, wall_before = 0, 0.0
-    if resume:
-        _, client = engine.load_checkpoint(ckpt)
-        start_epoch, wall_before = client["epoch"] + 1, client["wall"]
-    elif rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    if rank == 0:
-        atomic_write_json(out / "recipe.json", recipe.model_dump(mode="json"))
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
-    bar = Progress(recipe.train.epochs, steps_per_epoch, enabled=progress and rank == 0, start_epoch=start_epoch)
-    if rank == 0 and start_epoch == 0:
-        log.write(event="start", mode=recipe.resist.mode, world_size=world, steps_per_epoch=steps_per_epoch,
-                  batch_per_rank=batch, epochs=recipe.train.epochs)
-
+    run = setup(recipe)
+    start_epoch, wall_before = resume_from_checkpoint(run) if resume else (0, 0.0)
+    open_log(run, start_epoch)
+    bar = Progress(recipe.train.epochs, run.steps_per_epoch, enabled=progress and run.rank == 0, start_epoch=start_epoch)
     summary: dict[str, Any] = {}
-    memory: dict[str, int] = {}
     t_start = time.perf_counter() - wall_before
     for epoch in range(start_epoch, recipe.train.epochs):
-        sampler.set_epoch(epoch)
-        engine.train()
-        loss_sum, seen = 0.0, 0
-        for i, data in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            lr = learning_rate(recipe.train.lr_schedule, recipe.base_lr, epoch + i / steps_per_epoch)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            x, y = task.batch(data, engine.device)
-            loss = task.loss_fn(engine(x), y)
-            engine.backward(loss)
-            if i == 1 or not memory:  # gradients (and, after step 1, momentum) are present here
-                memory = max(memory, memory_footprint(engine), key=lambda m: m.get("total", 0))
-            engine.step()
-            value = loss.item()
-            loss_sum += value
-            seen += 1
-            bar.update(epoch, i + 1, loss=value, round=engine.round, bytes_sent=engine.bytes_sent * world)
-            if (i + 1) % recipe.train.log_every == 0:
-                log.write(event="step", epoch=epoch, step=i + 1, loss=value, lr=lr, round=engine.round)
-        engine.synchronize()  # end the epoch on a round boundary (a no-op for ddp)
+        train_loss = train_one_epoch(run, epoch, bar)
         wall = time.perf_counter() - t_start
-        bytes_total = _sum_over_ranks(engine.bytes_sent)
-        record = dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(loss_sum / max(seen, 1)) / world,
-                      round=engine.round, bytes=bytes_total, wall=wall,
-                      memory=_max_over_ranks(memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
-        last = epoch == recipe.train.epochs - 1
-        if last or (epoch + 1) % recipe.train.eval_every == 0:
-            net = engine.global_model(dst=0)
-            if rank == 0:
-                t_eval = time.perf_counter()
-                task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
-                metrics = task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
-                record.update(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
-                save_global_model(out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics)
-            del net
-        if rank == 0:
-            log.write(**record)
+        record = epoch_record(run, epoch, train_loss, wall)
+        if epoch == recipe.train.epochs - 1 or (epoch + 1) % recipe.train.eval_every == 0:
+            record.update(evaluate_global_model(run, epoch))
+        if run.rank == 0:
+            run.log.write(**record)
             bar.epoch_done(epoch, record)
             summary = record
-        if last or (epoch + 1) % recipe.train.checkpoint_every == 0:
-            engine.save_checkpoint(ckpt, tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "wall": wall})
+        if epoch == recipe.train.epochs - 1 or (epoch + 1) % recipe.train.checkpoint_every == 0:
+            run.engine.save_checkpoint(checkpoint_dir(recipe), tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "wall": wall})
         tdist.barrier()
         t_start += _eval_time(record)
     bar.close()
-    if rank == 0:
-        summary = {**summary, "mode": recipe.resist.mode, "world_size": world, "main_metric": task.main_metric}
-        atomic_write_json(out / "summary.json", summary)
-        return summary
-    return None
+    if run.rank != 0:
+        return None
+    summary = {**summary, "mode": recipe.resist.mode, "world_size": run.world, "main_metric": run.task.main_metric}
+    atomic_write_json(run.out / "summary.json", summary)
+    return summary
+
+
+def setup(recipe: Recipe) -> Run:
+    """Join the process group; build the task, the engine (``resist_det.initialize``) and the loader."""
+    import resist_det
+
+    rank, world = init_distributed()
+    torch.manual_seed(recipe.train.seed)
+    task = build_task(recipe)
+    model = task.make_model("meta" if recipe.resist.mode == "resist" else None)
+    engine, _, _, _ = resist_det.initialize(model=model, config=recipe.deepspeed, resist=recipe.resist)
+    batch = recipe.batch_size
+    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=recipe.train.seed, drop_last=True)
+    loader = DataLoader(task.train_set, batch_size=batch, sampler=sampler, collate_fn=task.collate,
+                        num_workers=recipe.data.num_workers, drop_last=True)
+    steps = min(len(loader), recipe.train.max_steps_per_epoch or len(loader))
+    if steps == 0:
+        raise ValueError(
+            f"the training set ({len(task.train_set)} images) is smaller than one batch per rank ({batch} x {world} ranks)"
+        )
+    return Run(recipe, rank, world, task, engine, sampler, loader, steps, Path(recipe.train.output_dir))
+
+
+def resume_from_checkpoint(run: Run) -> tuple[int, float]:
+    """Load the latest checkpoint; returns (first epoch to train, wall time already spent)."""
+    _, client = run.engine.load_checkpoint(checkpoint_dir(run.recipe))
+    return client["epoch"] + 1, client["wall"]
+
+
+def open_log(run: Run, start_epoch: int) -> None:
+    """Rank 0: the resolved recipe and the metrics log (a fresh one unless resuming)."""
+    run.log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
+    if run.rank != 0:
+        return
+    if start_epoch == 0:
+        (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    atomic_write_json(run.out / "recipe.json", run.recipe.model_dump(mode="json"))
+    if start_epoch == 0:
+        run.log.write(event="start", mode=run.recipe.resist.mode, world_size=run.world, steps_per_epoch=run.steps_per_epoch,
+                      batch_per_rank=run.recipe.batch_size, epochs=run.recipe.train.epochs)
+
+
+def train_one_epoch(run: Run, epoch: int, bar: Progress) -> float:
+    """Local steps over one epoch, then end the epoch on a round boundary; returns the mean loss."""
+    from ..resist.engine import memory_footprint
+
+    recipe, engine = run.recipe, run.engine
+    own_schedule = "scheduler" not in recipe.deepspeed  # else DeepSpeed's scheduler sets the lr
+    run.sampler.set_epoch(epoch)
+    engine.train()
+    loss_sum, seen = 0.0, 0
+    for i, data in enumerate(run.loader):
+        if i >= run.steps_per_epoch:
+            break
+        if own_schedule:
+            lr = learning_rate(recipe.train.lr_schedule, recipe.base_lr, epoch + i / run.steps_per_epoch)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+        x, y = run.task.batch(data, engine.device)
+        loss = run.task.loss_fn(engine(x), y)
+        engine.backward(loss)
+        if i == 1 or not run.memory:  # gradients (and, after step 1, momentum) are present here
+            run.memory = max(run.memory, memory_footprint(engine), key=lambda m: m.get("total", 0))
+        engine.step()
+        value = loss.item()
+        loss_sum, seen = loss_sum + value, seen + 1
+        bar.update(epoch, i + 1, loss=value, round=engine.round, bytes_sent=engine.bytes_sent * run.world)
+        if (i + 1) % recipe.train.log_every == 0:
+            run.log.write(event="step", epoch=epoch, step=i + 1, loss=value,
+                          lr=engine.optimizer.param_groups[0]["lr"], round=engine.round)
+    engine.synchronize()  # end the epoch on a round boundary (a no-op if the last step ended one)
+    return loss_sum / max(seen, 1)
+
+
+def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[str, Any]:
+    """The epoch's log record: loss, rounds, bytes, wall, memory (reduced over ranks for display)."""
+    return dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(train_loss) / run.world,
+                round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
+                memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
+
+
+def evaluate_global_model(run: Run, epoch: int) -> dict[str, Any]:
+    """Assemble the global network (collective), evaluate and save it on rank 0."""
+    net = run.engine.global_model(dst=0)
+    if run.rank != 0:
+        return {}
+    recipe, batch = run.recipe, run.recipe.batch_size
+    t_eval = time.perf_counter()
+    run.task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
+    metrics = run.task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
+    save_global_model(run.out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics)
+    return dict(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
 
 
 def _eval_time(record: dict[str, Any]) -> float:
@@ -178,19 +219,8 @@ def _eval_time(record: dict[str, Any]) -> float:
 
 
 def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any]) -> None:
-    """The assembled global network with its residual scales and recipe (``resist-det eval`` reads it)."""
-    from ..resist.partition import residual_scales
-
-    atomic_torch_save(
-        {
-            "model": net.state_dict(),
-            "residual_scales": residual_scales(net),
-            "recipe": recipe.model_dump(mode="json"),
-            "epoch": epoch,
-            "metrics": metrics,
-        },
-        path,
-    )
+    """The global network (residual scales folded into its weights) with its recipe; ``resist-det eval`` reads it."""
+    atomic_torch_save({"model": net.state_dict(), "recipe": recipe.model_dump(mode="json"), "epoch": epoch, "metrics": metrics}, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ def seeded_init_(module: nn.Module, seed: int, unit: str) -> nn.Module:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=g)
             if m.bias is not None:
                 m.bias.zero_()
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
             if m.weight is not None:
                 m.weight.fill_(1.0)
                 m.bias.zero_()
@@ -54,6 +54,12 @@ def seeded_init_(module: nn.Module, seed: int, unit: str) -> nn.Module:
             m.weight.normal_(0.0, 0.01, generator=g)
             if m.bias is not None:
                 m.bias.zero_()
+        elif any(True for _ in m.parameters(recurse=False)):
+            # Left as it is, a module materialised from the meta device would hold garbage.
+            raise TypeError(
+                f"seeded initialisation does not know {type(m).__name__} (in unit {unit!r}); build the model on a "
+                "real device instead of 'meta', or give the module a seeded_reset_(generator) method"
+            )
     return module
 
 

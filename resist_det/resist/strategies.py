@@ -1,0 +1,262 @@
+"""What each mode does at a synchronisation: one small class per mode.
+
+* :class:`DataParallel` (``ddp``): DeepSpeed's own gradient all-reduce every step; no rounds.
+* :class:`LocalSGD` (``local_sgd``): every rank trains the whole network; a sync averages
+  every tensor (the paper's baseline).
+* :class:`ResIST` (``resist``): every rank trains its sub-ResNet; a sync averages the shared
+  tensors and routes the partitioned blocks (:mod:`resist_det.resist.sync`).  An optional
+  local-SGD warm-up (paper section 2.6) trains the whole network, its partitioned blocks
+  scaled as in the global network (footnote 2), until the schedule's switch.
+
+A strategy sees the module and optimizer of DeepSpeed's engine; the engine
+(:mod:`resist_det.resist.engine`) owns the schedule and calls :meth:`Strategy.sync`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import fold_branch_scale, set_branch_scale
+from .config import ResISTConfig
+from .plan import Plan, inclusion_probability, iter_plans
+from .subnet import SlottedSection, get_submodule_parent
+from .sync import average_tensors, gather_blocks, route_blocks
+
+__all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "make_strategy"]
+
+
+class Strategy:
+    """The base: what every mode shares (module, optimizer, rank, settings)."""
+
+    mode = ""
+    #: Whether this mode has rounds (a schedule of local steps and syncs).
+    has_rounds = True
+
+    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int) -> None:
+        self.config = config
+        self.module = module
+        self.optimizer = optimizer
+        self.rank = rank
+        self.world_size = world_size
+
+    def bytes_per_step(self) -> int:
+        """Bytes this rank sends inside one optimizer step (not at a sync)."""
+        return 0
+
+    def sync(self, round_index: int, switch: bool) -> int:
+        """End round ``round_index``; returns the bytes this rank sent.  Collective."""
+        raise NotImplementedError
+
+    def residual_scale(self) -> float:
+        """Scale of every partitioned block in the global network."""
+        return 1.0
+
+    def global_model(self, dst: int, fold: bool) -> tuple[nn.Module | None, int]:
+        """The whole network on rank ``dst`` (``None`` elsewhere), and the bytes this rank sent."""
+        return (copy.deepcopy(self.module) if self.rank == dst else None), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], round_index: int) -> None:
+        pass
+
+    # ---- shared by the averaging modes ---------------------------------------------------
+    def _with_bn(self, round_index: int) -> bool:
+        c = self.config
+        return c.bn == "average" and (round_index + 1) % c.bn_sync_rounds == 0
+
+    def _tensors(self, with_buffers: bool, skip: nn.Module | None = None) -> list[torch.Tensor]:
+        """The module's parameters (and floating buffers), except those of ``skip``."""
+        held = set() if skip is None else {id(t) for t in skip.parameters()} | {id(t) for t in skip.buffers()}
+        out = [p.data for p in self.module.parameters() if id(p) not in held]
+        if with_buffers:
+            out += [b for b in self.module.buffers() if b.is_floating_point() and id(b) not in held]
+        return out
+
+    def _average(self, tensors: list[torch.Tensor]) -> int:
+        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20))
+
+    def _reset_optimizer_state(self, arrived: list[nn.Module]) -> None:
+        """Momentum restart (paper), or keep it except for blocks that arrived from another rank."""
+        state = self.optimizer.state
+        if self.config.momentum == "restart":
+            state.clear()
+            return
+        for m in arrived:
+            for p in m.parameters():
+                state.pop(p, None)
+
+
+class DataParallel(Strategy):
+    """Plain DeepSpeed data parallel: DeepSpeed all-reduces every gradient in every step."""
+
+    mode = "ddp"
+    has_rounds = False
+
+    def bytes_per_step(self) -> int:
+        g = self.world_size  # ring costing of DeepSpeed's gradient all-reduce
+        grads = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
+        return round(2 * (g - 1) / g * grads)
+
+    def sync(self, round_index: int, switch: bool) -> int:
+        return 0
+
+
+class LocalSGD(Strategy):
+    """Every rank trains the whole network; a sync averages all of it."""
+
+    mode = "local_sgd"
+
+    def sync(self, round_index: int, switch: bool) -> int:
+        sent = self._average(self._tensors(self._with_bn(round_index)))
+        self._reset_optimizer_state([])
+        return sent
+
+
+class ResIST(Strategy):
+    """Sub-ResNets: shared layers averaged over all ranks, partitioned blocks routed between them."""
+
+    mode = "resist"
+
+    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int, *,
+                 block_names: list[str], section: SlottedSection, section_name: str, deepspeed_engine: Any = None) -> None:
+        super().__init__(config, module, optimizer, rank, world_size)
+        self.block_names = block_names
+        self.section = section
+        self.section_name = section_name
+        self._deepspeed_engine = deepspeed_engine  # its parameter-name map follows the blocks at the switch
+        # The round that is ResIST round 0 (plan round = round - resist_start); None in the warm-up.
+        self.resist_start: int | None = None
+        self._plans: Iterator[Plan] | None = None
+        self.plan: Plan | None = None
+        if config.warmup_local_sgd_steps > 0:
+            self._begin_warmup()
+        else:
+            self.resist_start = 0
+            self._restart_plans(0)
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.resist_start is None
+
+    def residual_scale(self) -> float:
+        c = self.config
+        if c.scale == "inverse_s":
+            return 1.0 / self.world_size
+        return inclusion_probability(self.world_size, len(self.block_names), c.min_blocks)
+
+    # ---- rounds --------------------------------------------------------------------------
+    def _restart_plans(self, plan_round: int) -> None:
+        c = self.config
+        self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), c.min_blocks, start=plan_round)
+        self.plan = next(self._plans)
+
+    @torch.no_grad()
+    def sync(self, round_index: int, switch: bool) -> int:
+        with_bn = self._with_bn(round_index)
+        if self.in_warmup:  # local SGD on the whole network
+            sent = self._average(self._tensors(with_bn))
+            if switch:
+                self._restart_plans(0)
+                self._end_warmup(self.plan.groups[self.rank])
+                self.resist_start = round_index + 1
+            self._reset_optimizer_state([])
+            return sent
+        sent = self._average(self._tensors(with_bn, skip=self.section.slots))
+        new = next(self._plans)
+        before = list(self.section.slot_blocks)
+        slot_blocks, p2p = route_blocks(self.section.slots, before, self.plan, new, self.rank)
+        self.section.assign(slot_blocks)
+        self.plan = new
+        arrived = [self.section.slots[i] for i, (a, b) in enumerate(zip(before, slot_blocks)) if a != b]
+        self._reset_optimizer_state(arrived)
+        return sent + p2p
+
+    # ---- the local-SGD warm-up -----------------------------------------------------------
+    def _begin_warmup(self) -> None:
+        n = len(self.block_names)
+        if self.section.slot_blocks != list(range(n)):
+            raise ValueError("the local-SGD warm-up needs every partitioned block in a slot (build the engine with resist_det.initialize)")
+        self.plan = Plan(round=-1, groups=(tuple(range(n)),) * self.world_size)  # every rank holds every block
+        for slot in self.section.slots:
+            set_branch_scale(slot, self.residual_scale())  # paper footnote 2: scaled as in the global network
+
+    def _end_warmup(self, blocks: list[int] | tuple[int, ...]) -> None:
+        """Keep only ``blocks`` (in this slot order), unscaled; the other blocks leave the
+        module, the optimizer (groups and state) and DeepSpeed's name map, freeing their memory."""
+        removed = self.section.keep(blocks)
+        gone = {id(p) for m in removed for p in m.parameters()}
+        # Keep the module's order (slot order), as at a switch in round 0: a checkpoint's optimizer
+        # state, stored by position, then fits an engine that switches on resume.
+        order = {id(p): i for i, p in enumerate(self.module.parameters())}
+        for group in self.optimizer.param_groups:
+            kept = [p for p in group["params"] if id(p) not in gone]
+            group["params"] = sorted(kept, key=lambda p: order.get(id(p), len(order)))
+        for p in [p for p in self.optimizer.state if id(p) in gone]:
+            del self.optimizer.state[p]
+        if hasattr(self._deepspeed_engine, "param_names"):  # DeepSpeed's checkpoint name map
+            self._deepspeed_engine.param_names = {p: n for n, p in self.module.named_parameters()}
+        for slot in self.section.slots:
+            set_branch_scale(slot, 1.0)
+
+    # ---- the global network --------------------------------------------------------------
+    @torch.no_grad()
+    def global_model(self, dst: int, fold: bool) -> tuple[nn.Module | None, int]:
+        section = self.section
+        blocks: list[nn.Module] = []
+        if self.rank == dst:
+            blocks = [copy.deepcopy(section.slots[0]) for _ in self.block_names]
+        sent = gather_blocks(section.slots, section.slot_blocks, self.plan, self.rank, dst, blocks)
+        if self.rank != dst:
+            return None, sent
+        # A copy of the user's network around the original section (an nn.Sequential).
+        parent, child = get_submodule_parent(self.module, self.section_name)
+        setattr(parent, child, nn.Identity())
+        try:
+            net = copy.deepcopy(self.module)
+        finally:
+            setattr(parent, child, section)
+        new_parent, _ = get_submodule_parent(net, self.section_name)
+        setattr(new_parent, child, section.as_sequential(blocks))
+        s = self.residual_scale()
+        for block in blocks:
+            if fold:
+                fold_branch_scale(block, s)
+            else:
+                set_branch_scale(block, s)
+        return net, sent
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"resist_start": self.resist_start, "slot_blocks": list(self.section.slot_blocks)}
+
+    def load_state_dict(self, state: dict[str, Any], round_index: int) -> None:
+        """Restore the plan position and slot contents; a state saved after the warm-up ends the
+        warm-up of a strategy still in it (its extra blocks are dropped)."""
+        start = state["resist_start"]
+        if start is None:
+            if not self.in_warmup:
+                raise ValueError(
+                    "ResIST state was saved during the local-SGD warm-up, but this engine has already switched to "
+                    "ResIST; load it into a freshly initialized engine"
+                )
+            return
+        self._restart_plans(round_index - start)
+        if self.in_warmup:
+            self._end_warmup(state["slot_blocks"])
+        else:
+            self.section.assign(state["slot_blocks"])
+        self.resist_start = start
+
+
+def make_strategy(config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int, **resist: Any) -> Strategy:
+    """The strategy of ``config.mode``; ``resist`` holds the sub-ResNet's section for mode ``resist``."""
+    if config.mode == "resist":
+        return ResIST(config, module, optimizer, rank, world_size, **resist)
+    return {"local_sgd": LocalSGD, "ddp": DataParallel}[config.mode](config, module, optimizer, rank, world_size)
