@@ -129,10 +129,10 @@ def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
 
             sec = engine.section
             out[mode]["block_bytes"] = sum(t.numel() * t.element_size() for t in block_tensors(sec.slots[0]))
-            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.shared_tensors(True))
+            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
             out[mode]["slots"] = len(sec.slots)
         elif mode == "local_sgd":
-            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.shared_tensors(True))
+            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
         del engine
         gc.collect()
     return out

@@ -119,7 +119,7 @@ def _logger_vs_counter(rank, world):
     for _ in range(4):
         _step(engine, gen)
     res["local_sgd"] = (bytes_sent(gather_comms_logs()), all_sum(engine.bytes_sent), local_comms_log())
-    res["state_bytes"] = sum(t.numel() * t.element_size() for t in engine.shared_tensors(with_buffers=True))
+    res["state_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(with_buffers=True))
     reset_comms_log()
 
     # DDP: DeepSpeed's own gradient all-reduce, logged only with prof_all.

@@ -6,45 +6,24 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_on_ranks
-
-LAYERS = [1, 1, 7, 1]  # 6 partitionable blocks in section 3
-WIDTH = 4
-
-
-def _net(seed=0, device=None, layers=LAYERS):
-    from resist_det.models import preact_resnet
-
-    return preact_resnet(layers=layers, num_classes=3, stem="cifar", base_width=WIDTH, seed=seed, device=device)
+from helpers import LAYERS, batch as _batch, block_snapshot, ds_config as _cfg, preact_net as _net, shared_snapshot, stock_net
+from helpers import train_steps as _train
 
 
-def _cfg(lr=0.1, sgd_momentum=0.0, **resist):
-    return {
-        "train_micro_batch_size_per_gpu": 4,
-        "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": sgd_momentum}},
-        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default; compare unclipped training
-        "resist": resist,
-    }
-
-
-def _batch(gen):
-    return torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
-
-
-def _train(engine, steps, gen):
-    for _ in range(steps):
-        x, y = _batch(gen)
-        loss = F.cross_entropy(engine(x), y)
-        engine.backward(loss)
-        engine.step()
+def _build(kind, seed, meta=False):
+    """This project's pre-activation net (on the meta device if asked), or a stock torchvision ResNet."""
+    if kind == "preact":
+        return _net(seed=seed, device="meta" if meta else None)
+    return stock_net(seed=seed, layers=LAYERS)
 
 
 # ---- S = 1 equals plain training -------------------------------------------------------------
-def _s1_vs_plain(rank, world):
+def _s1_vs_plain(rank, world, kind):
     import resist_det
 
-    ref = _net(seed=1)
+    ref = _build(kind, 1)
     engine, *_ = resist_det.initialize(
-        model=_net(seed=1, device="meta"), config=_cfg(lr=0.05, sgd_momentum=0.9, local_steps=3, min_blocks=1, momentum="keep", seed=1)
+        model=_build(kind, 1, meta=True), config=_cfg(lr=0.05, sgd_momentum=0.9, local_steps=3, min_blocks=1, momentum="keep", seed=1)
     )
     opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
@@ -59,8 +38,9 @@ def _s1_vs_plain(rank, world):
     return engine.round, net.state_dict(), ref.state_dict()
 
 
-def test_single_worker_equals_plain_training(tmp_path):
-    [(rounds, got, want)] = run_on_ranks(_s1_vs_plain, 1, tmp_path)
+@pytest.mark.parametrize("kind", ["preact", "stock"])
+def test_single_worker_equals_plain_training(tmp_path, kind):
+    [(rounds, got, want)] = run_on_ranks(_s1_vs_plain, 1, tmp_path, kind)
     assert rounds == 3  # syncs after steps 3 and 6, and the explicit one
     assert got.keys() == want.keys()
     for k in want:
@@ -68,19 +48,20 @@ def test_single_worker_equals_plain_training(tmp_path):
 
 
 # ---- local SGD with L = 1 equals DDP ---------------------------------------------------------
-def _local_sgd_vs_ddp(rank, world):
+def _local_sgd_vs_ddp(rank, world, kind):
     import resist_det
 
     out = {}
     for mode in ("local_sgd", "ddp"):
-        engine, *_ = resist_det.initialize(model=_net(seed=2), config=_cfg(lr=0.1, mode=mode, local_steps=1))
+        engine, *_ = resist_det.initialize(model=_build(kind, 2), config=_cfg(lr=0.1, mode=mode, local_steps=1))
         _train(engine, 4, torch.Generator().manual_seed(100 + rank))  # different data per rank
         out[mode] = {k: v.clone() for k, v in engine.module.named_parameters()}
     return out
 
 
-def test_local_sgd_one_step_equals_ddp(tmp_path):
-    results = run_on_ranks(_local_sgd_vs_ddp, 2, tmp_path)
+@pytest.mark.parametrize("kind", ["preact", "stock"])
+def test_local_sgd_one_step_equals_ddp(tmp_path, kind):
+    results = run_on_ranks(_local_sgd_vs_ddp, 2, tmp_path, kind)
     for out in results:
         for k in out["ddp"]:
             torch.testing.assert_close(out["local_sgd"][k], out["ddp"][k], rtol=1e-5, atol=1e-6, msg=k)
@@ -89,19 +70,15 @@ def test_local_sgd_one_step_equals_ddp(tmp_path):
 
 # ---- invariants of a synchronisation round ---------------------------------------------------
 def _snapshot(engine):
-    from resist_det.resist.sync import block_tensors
-
-    shared = {n: t.clone() for n, t in engine.module.state_dict().items() if ".slots." not in n and t.is_floating_point()}
-    blocks = {b: torch.cat([t.flatten() for t in block_tensors(s)]).clone() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
-    return shared, blocks
+    return shared_snapshot(engine), block_snapshot(engine)
 
 
-def _sync_rounds(rank, world, rounds, min_blocks):
+def _sync_rounds(rank, world, rounds, min_blocks, kind):
     import resist_det
     from resist_det.resist.engine import memory_footprint
 
     engine, optimizer, *_ = resist_det.initialize(
-        model=_net(seed=3, device="meta"), config=_cfg(sgd_momentum=0.9, local_steps=10_000, min_blocks=min_blocks, seed=4)
+        model=_build(kind, 3, meta=True), config=_cfg(sgd_momentum=0.9, local_steps=10_000, min_blocks=min_blocks, seed=4)
     )
     gen = torch.Generator().manual_seed(rank)
     history = []
@@ -131,13 +108,13 @@ def _sync_rounds(rank, world, rounds, min_blocks):
     )
 
 
-@pytest.mark.parametrize("world,min_blocks", [(2, 2), (4, 2)])
-def test_sync_invariants(tmp_path, world, min_blocks):
-    res = run_on_ranks(_sync_rounds, world, tmp_path, 3, min_blocks, timeout=300)
+@pytest.mark.parametrize("world,min_blocks,kind", [(2, 2, "preact"), (4, 2, "preact"), (2, 2, "stock")])
+def test_sync_invariants(tmp_path, world, min_blocks, kind):
+    res = run_on_ranks(_sync_rounds, world, tmp_path, 3, min_blocks, kind, timeout=300)
     n_blocks = LAYERS[2] - 1
     k = max(-(-n_blocks // world), min_blocks)
-    full = sum(p.numel() for p in _net().parameters())
-    block = sum(p.numel() for p in _net().layer3[1].parameters())
+    full = sum(p.numel() for p in _build(kind, 0).parameters())
+    block = sum(p.numel() for p in _build(kind, 0).layer3[1].parameters())
     for t in range(3):
         old_plans = {r["history"][t][0] for r in res}
         new_plans = {r["history"][t][1] for r in res}

@@ -60,6 +60,10 @@ class Strategy:
         """The whole network on rank ``dst`` (``None`` elsewhere), and the bytes this rank sent."""
         return (copy.deepcopy(self.module) if self.rank == dst else None), 0
 
+    def shared_tensors(self, with_buffers: bool) -> list[torch.Tensor]:
+        """The tensors every rank holds and a sync averages over all ranks."""
+        return self._tensors(with_buffers)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -72,9 +76,12 @@ class Strategy:
         return c.bn == "average" and (round_index + 1) % c.bn_sync_rounds == 0
 
     def _tensors(self, with_buffers: bool, skip: nn.Module | None = None) -> list[torch.Tensor]:
-        """The module's parameters (and floating buffers), except those of ``skip``."""
+        """The module's trainable parameters (and floating buffers), except those of ``skip``.
+
+        Frozen parameters (a detector's frozen stem) start equal on every rank and never
+        change: averaging them would send bytes for nothing."""
         held = set() if skip is None else {id(t) for t in skip.parameters()} | {id(t) for t in skip.buffers()}
-        out = [p.data for p in self.module.parameters() if id(p) not in held]
+        out = [p.data for p in self.module.parameters() if p.requires_grad and id(p) not in held]
         if with_buffers:
             out += [b for b in self.module.buffers() if b.is_floating_point() and id(b) not in held]
         return out
@@ -114,7 +121,7 @@ class LocalSGD(Strategy):
     mode = "local_sgd"
 
     def sync(self, round_index: int, switch: bool) -> int:
-        sent = self._average(self._tensors(self._with_bn(round_index)))
+        sent = self._average(self.shared_tensors(self._with_bn(round_index)))
         self._reset_optimizer_state([])
         return sent
 
@@ -157,18 +164,22 @@ class ResIST(Strategy):
         self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), c.min_blocks, start=plan_round)
         self.plan = next(self._plans)
 
+    def shared_tensors(self, with_buffers: bool) -> list[torch.Tensor]:
+        """All but the partitioned slots (everything during the warm-up)."""
+        return self._tensors(with_buffers, skip=None if self.in_warmup else self.section.slots)
+
     @torch.no_grad()
     def sync(self, round_index: int, switch: bool) -> int:
         with_bn = self._with_bn(round_index)
         if self.in_warmup:  # local SGD on the whole network
-            sent = self._average(self._tensors(with_bn))
+            sent = self._average(self.shared_tensors(with_bn))
             if switch:
                 self._restart_plans(0)
                 self._end_warmup(self.plan.groups[self.rank])
                 self.resist_start = round_index + 1
             self._reset_optimizer_state([])
             return sent
-        sent = self._average(self._tensors(with_bn, skip=self.section.slots))
+        sent = self._average(self.shared_tensors(with_bn))
         new = next(self._plans)
         before = list(self.section.slot_blocks)
         slot_blocks, p2p = route_blocks(self.section.slots, before, self.plan, new, self.rank)

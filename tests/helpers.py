@@ -1,0 +1,58 @@
+"""Small networks, configs and training steps shared by the engine tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LAYERS = [1, 1, 7, 1]  # 6 partitionable blocks in section 3
+WIDTH = 4
+
+
+def preact_net(seed=0, device=None, layers=LAYERS, num_classes=3):
+    """A tiny pre-activation ResNet (this project's blocks)."""
+    from resist_det.models import preact_resnet
+
+    return preact_resnet(layers=layers, num_classes=num_classes, stem="cifar", base_width=WIDTH, seed=seed, device=device)
+
+
+def stock_net(seed=0, layers=(1, 1, 4, 1), num_classes=3, block="basic", **kwargs):
+    """An unmodified torchvision ResNet (stock blocks), seeded by torch's global generator."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    torch.manual_seed(seed)
+    return ResNet(BasicBlock if block == "basic" else Bottleneck, list(layers), num_classes=num_classes, **kwargs)
+
+
+def ds_config(lr=0.1, sgd_momentum=0.0, batch=4, **resist):
+    """A DeepSpeed config with a ``resist`` section (DeepSpeed's default clipping turned off)."""
+    return {
+        "train_micro_batch_size_per_gpu": batch,
+        "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": sgd_momentum}},
+        "gradient_clipping": 0.0,
+        "resist": resist,
+    }
+
+
+def batch(gen, size=8, n=4, classes=3):
+    return torch.randn(n, 3, size, size, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def train_steps(engine, steps, gen, size=8):
+    """``steps`` optimizer steps of cross-entropy on random batches drawn from ``gen``."""
+    for _ in range(steps):
+        x, y = batch(gen, size)
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+
+
+def block_snapshot(engine):
+    """Partitioned block index -> its tensors (sync order), flattened."""
+    from resist_det.resist.sync import block_tensors
+
+    return {b: torch.cat([t.flatten() for t in block_tensors(s)]).clone() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+
+
+def shared_snapshot(engine):
+    """The floating-point tensors every rank holds (all but the slots)."""
+    return {n: t.clone() for n, t in engine.module.state_dict().items() if ".slots." not in n and t.is_floating_point()}
