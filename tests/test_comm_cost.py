@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distributed import run_on_ranks
+from helpers import ds_config, preact_net, train_steps
 from resist_det.resist.comm_cost import (
     DDP_ALLREDUCE_LOG,
     allreduce_cost,
@@ -66,25 +66,15 @@ def test_mixed_logs_unknown_names_and_counts_form():
 
 # ---- real ranks: logger-derived bytes equal the engines' own counters --------------------------
 def _net(device=None):
-    from resist_det.models import preact_resnet
-
-    return preact_resnet(layers=[1, 1, 7, 1], num_classes=3, stem="cifar", base_width=4, seed=0, device=device)
+    return preact_net(device=device)
 
 
 def _cfg(**resist):
-    cfg = {
-        "train_micro_batch_size_per_gpu": 2,
-        "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
-        "gradient_clipping": 0.0,
-        "resist": resist,
-    }
-    return with_comms_logger(cfg, prof_all=resist.get("mode") == "ddp")
+    return with_comms_logger(ds_config(lr=0.05, sgd_momentum=0.9, batch=2, **resist), prof_all=resist.get("mode") == "ddp")
 
 
 def _step(engine, gen):
-    x, y = torch.randn(2, 3, 8, 8, generator=gen), torch.randint(0, 3, (2,), generator=gen)
-    engine.backward(F.cross_entropy(engine(x), y))
-    engine.step()
+    train_steps(engine, 1, gen)
 
 
 def _logger_vs_counter(rank, world):

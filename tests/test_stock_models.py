@@ -305,3 +305,27 @@ def test_resist_imports_alone():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_timm_resnet_blocks():
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install resist-det[timm])")
+    from resist_det.resist import partitionable_blocks
+    from resist_det.resist.adapters import fold_branch_scale, set_branch_scale
+
+    torch.manual_seed(0)
+    for name, foldable in (("resnet26", True), ("seresnet18", False)):
+        net = timm.create_model(name, pretrained=False, num_classes=3).eval()
+        names = partitionable_blocks(net)
+        assert names and names[0] == "layer3.1" and "layer3.0" not in names
+        block = net.get_submodule(names[0])
+        x = torch.relu(torch.randn(2, block.conv1.in_channels, 4, 4))
+        set_branch_scale(block, 0.0)
+        assert torch.equal(block(x.clone()), x)  # skipping the block is the identity
+        set_branch_scale(block, 0.4)
+        want = block(x.clone())
+        if foldable:
+            fold_branch_scale(block, 0.4)
+            torch.testing.assert_close(block(x.clone()), want, rtol=1e-5, atol=1e-6)
+        else:  # squeeze-excitation after the last BN is not linear in the scale: refuse to fold
+            with pytest.raises(ValueError, match="cannot be folded"):
+                fold_branch_scale(block, 0.4)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_on_ranks
+from helpers import LAYERS, block_snapshot, ds_config, preact_net, shared_snapshot
 
-LAYERS = [1, 1, 7, 1]  # 6 partitionable blocks in section 3
 N_BLOCKS = LAYERS[2] - 1
 WORLD = 2
 MIN_BLOCKS = 4  # k = 4 of 6 per rank: some blocks are shared, scale k/n = 2/3 (not 1/S)
@@ -29,18 +29,12 @@ SEED = 7
 
 def _net(device=None):
     # On the meta device, initialize() materialises each unit from resist.seed: the same weights.
-    from resist_det.models import preact_resnet
-
-    return preact_resnet(layers=LAYERS, num_classes=3, stem="cifar", base_width=4, seed=SEED, device=device)
+    return preact_net(seed=SEED, device=device, layers=LAYERS)
 
 
 def _cfg(**resist):
-    return {
-        "train_micro_batch_size_per_gpu": 4,
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
-        "gradient_clipping": 0.0,
-        "resist": {"local_steps": LOCAL_STEPS, "min_blocks": MIN_BLOCKS, "momentum": "keep", "seed": SEED, **resist},
-    }
+    return ds_config(lr=0.1, sgd_momentum=0.9, **{"local_steps": LOCAL_STEPS, "min_blocks": MIN_BLOCKS, "momentum": "keep",
+                                                  "seed": SEED, **resist})
 
 
 WARMUP_CFG = dict(mode="resist", warmup_local_sgd_steps=WARMUP)
@@ -63,14 +57,7 @@ def _floats(state):
     return {k: v.clone() for k, v in state.items() if v.is_floating_point()}
 
 
-def _blocks(engine):
-    from resist_det.resist.sync import block_tensors
-
-    return {b: torch.cat([t.flatten() for t in block_tensors(s)]).clone() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
-
-
-def _shared(engine):
-    return {n: t.clone() for n, t in engine.module.state_dict().items() if ".slots." not in n and t.is_floating_point()}
+_blocks, _shared = block_snapshot, shared_snapshot
 
 
 # ---- warm-up = local SGD with scaled blocks; the switch; ResIST after it ------------------------
