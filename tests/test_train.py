@@ -186,3 +186,14 @@ def test_bn_recalibration_uses_training_batches():
     torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)))
     assert bn.momentum == 0.1 and not bn.training
     assert task.recalibrate_bn(nn.Sequential(bn), batches=0, batch_size=4) == 0
+
+
+def test_deepspeed_scheduler_is_used_or_refused(tmp_path):
+    from resist_det.config import load_recipe
+
+    recipe = _recipe(tmp_path)
+    recipe["deepspeed"]["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
+    assert "scheduler" in load_recipe(recipe).deepspeed  # used: DeepSpeed steps it, the loop leaves the lr alone
+    recipe["train"]["lr_schedule"] = {"milestones": [2]}
+    with pytest.raises(ValueError, match="deepspeed.scheduler and train.lr_schedule both set the learning rate"):
+        load_recipe(recipe)
