@@ -125,6 +125,8 @@ def plan(
     )
     console.print(f"each sub-ResNet: {rep['blocks_per_worker']} partitioned blocks, depth {rep['depth']} of {rep['full_depth']} blocks; "
                   f"residual scale of the global network {rep['scale']:.4f}")
+    if rep["degenerate"]:
+        console.print(f"[bold yellow]warning:[/] {rep['degenerate']}")
     for r in rep["rounds"]:
         table = Table(title=f"round {r['round']}")
         table.add_column("rank", justify="right")

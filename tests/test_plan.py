@@ -69,3 +69,10 @@ def test_make_plan_matches_sequence_and_seed():
 def test_bad_plan_arguments(s, n, m, msg):
     with pytest.raises(ValueError, match=msg):
         make_plan(0, 0, s, n, m)
+
+
+def test_degenerate_plan_is_named():
+    from resist_det.resist.plan import degenerate_plan
+
+    assert "this is local SGD" in degenerate_plan(2, 5, 5)  # torchvision resnet50 with the default min_blocks
+    assert degenerate_plan(2, 5, 2) is None and degenerate_plan(1, 5, 5) is None  # S = 1 is plain training

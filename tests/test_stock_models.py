@@ -284,6 +284,16 @@ def _surface(rank, world):
     except AttributeError as e:
         out["missing"] = str(e)
     out["forwarded"] = engine.gradient_accumulation_steps() == 1 and engine.module is engine.deepspeed_engine.module
+    from helpers import train_steps
+
+    train_steps(engine, 1, torch.Generator().manual_seed(0))  # mid-round: one of two local steps
+    try:
+        engine.global_model()
+        out["mid_round"] = None
+    except RuntimeError as e:
+        out["mid_round"] = str(e)
+    engine.synchronize()
+    out["after_sync"] = type(engine.global_model()).__name__
     return out
 
 
@@ -292,6 +302,8 @@ def test_engine_surface_forwards_symmetrically(tmp_path):
     assert out["before"] is False and out["after"] == (True, False)
     assert out["copy"] and out["forwarded"]
     assert "no_such_attribute" in out["missing"]
+    assert "mid-round (1 local steps since the last sync); call engine.synchronize() first" in out["mid_round"]
+    assert out["after_sync"] == "PreActResNet"
 
 
 def test_resist_imports_alone():

@@ -148,6 +148,8 @@ def test_cli_version_and_plan():
     assert "22 partitionable blocks" in result.output and "6 partitioned blocks, depth 17 of 33" in result.output
     bad = runner.invoke(app, ["plan", "--model", "nosuchnet"])
     assert bad.exit_code == 1 and "--model must be" in bad.output
+    local = runner.invoke(app, ["plan", "-S", "2", "--model", "resnet50", "--rounds", "1"])
+    assert local.exit_code == 0 and "this is local SGD" in " ".join(local.output.split())
     plain = runner.invoke(app, ["plan", "--model", "vgg11"])  # a torchvision model without residual blocks
     assert plain.exit_code == 1 and "no partitionable blocks" in plain.output
 

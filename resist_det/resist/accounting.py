@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .partition import partitionable_blocks
-from .plan import blocks_per_worker, inclusion_probability, iter_plans, p2p_sends
+from .plan import blocks_per_worker, degenerate_plan, inclusion_probability, iter_plans, p2p_sends
 
 __all__ = ["split_sizes", "plan_report"]
 
@@ -66,5 +66,6 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         "full_depth": full_depth,
         "scale": inclusion_probability(s, n, min(min_blocks, n)),
         "local_sgd_bytes": allreduce(sizes["total"]),
+        "degenerate": degenerate_plan(s, n, min(min_blocks, n)),
         "rounds": out_rounds,
     }

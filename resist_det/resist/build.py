@@ -10,6 +10,7 @@ An existing DeepSpeed project adopts ResIST by changing ``deepspeed.initialize``
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from .config import ResISTConfig, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
-from .plan import check_plan_args, make_plan
+from .plan import check_plan_args, degenerate_plan, make_plan
 from .strategies import make_strategy
 from .subnet import make_sub_resnet
 
@@ -144,6 +145,9 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, rc: ResISTConfig):
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     check_plan_args(world, len(names), rc.min_blocks)
+    reason = degenerate_plan(world, len(names), rc.min_blocks)
+    if reason and rank == 0:
+        warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
     given = None
     if model_parameters is not None:
         model_parameters = list(model_parameters)

@@ -28,7 +28,10 @@ from collections.abc import Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["Plan", "make_plan", "iter_plans", "reducer_of", "p2p_sends", "blocks_per_worker", "inclusion_probability", "check_plan_args"]
+__all__ = [
+    "Plan", "make_plan", "iter_plans", "reducer_of", "p2p_sends", "blocks_per_worker", "inclusion_probability",
+    "check_plan_args", "degenerate_plan",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,17 @@ def blocks_per_worker(num_workers: int, num_blocks: int, min_blocks: int) -> int
     """Size k of every sub-ResNet's partitioned part: ``max(ceil(n / S), min_blocks)``."""
     check_plan_args(num_workers, num_blocks, min_blocks)
     return max(math.ceil(num_blocks / num_workers), min_blocks)
+
+
+def degenerate_plan(num_workers: int, num_blocks: int, min_blocks: int) -> str | None:
+    """Why the plan is no decomposition at all (every sub-ResNet holds every block), or ``None``."""
+    k = blocks_per_worker(num_workers, num_blocks, min_blocks)
+    if num_workers > 1 and k >= num_blocks:
+        return (
+            f"every sub-ResNet holds all {num_blocks} partitionable blocks (min_blocks {min_blocks} >= {num_blocks} blocks): "
+            "this is local SGD; lower resist.min_blocks or partition more blocks (resist.block_pattern)"
+        )
+    return None
 
 
 def inclusion_probability(num_workers: int, num_blocks: int, min_blocks: int) -> float:
