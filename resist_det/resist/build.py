@@ -9,6 +9,7 @@ An existing DeepSpeed project adopts ResIST by changing ``deepspeed.initialize``
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -31,31 +32,41 @@ __all__ = ["initialize"]
 
 
 def initialize(
-    model: nn.Module,
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
     model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Any = None,
     config: dict[str, Any] | str | Path | None = None,
+    mesh_param: Any = None,
+    config_params: dict[str, Any] | str | None = None,
     *,
     resist: ResISTConfig | None = None,
-    **kwargs: Any,
 ) -> tuple[ResISTEngine, Any, Any, Any]:
-    """Like ``deepspeed.initialize``; returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+    """``deepspeed.initialize`` with ResIST; same arguments, same order, same return value
+    ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
-    ``config`` is a DeepSpeed config (dict or JSON path) with an optional ``"resist"`` section
-    (:class:`~resist_det.resist.config.ResISTConfig`), or pass the validated settings as
-    ``resist=``.  In mode ``resist`` the model becomes this rank's sub-ResNet in place: the
-    partitioned blocks it does not hold are dropped (with ``resist.warmup_local_sgd_steps`` > 0
-    it first holds every block and drops the others when the warm-up ends).  Any residual
+    The DeepSpeed config comes from ``config``, ``config_params`` or ``args.deepspeed_config``
+    (``args.deepscale_config``), as in DeepSpeed; its optional ``"resist"`` section
+    (:class:`~resist_det.resist.config.ResISTConfig`) is taken out before DeepSpeed sees it, or
+    pass the validated settings as ``resist=``.  In mode ``resist`` the model becomes this rank's
+    sub-ResNet in place: the partitioned blocks it does not hold are dropped (with
+    ``resist.warmup_local_sgd_steps`` > 0 it first holds every block and drops the others when
+    the warm-up ends), and so are their parameters from ``model_parameters`` (parameters or
+    parameter groups, whose options are kept) and from a client ``optimizer`` instance (its
+    groups are filtered in place, so a client ``lr_scheduler`` stays valid).  Any residual
     network with registered blocks works (:mod:`resist_det.resist.adapters`); a model built on
     the meta device is materialised only for the layers this rank holds, each unit initialised
-    from ``resist.seed``.  Other keyword arguments go to ``deepspeed.initialize`` unchanged.
+    from ``resist.seed``.
     """
-    if "config_params" in kwargs and config is None:
-        config = kwargs.pop("config_params")
-    ds_config, rc = split_config(config)
-    if resist is not None:
-        if "resist" in (config if isinstance(config, dict) else {}):
-            raise ValueError("give the resist settings once: either a 'resist' config section or resist=, not both")
-        rc = resist
+    if model is None:
+        raise TypeError("initialize() needs a model (positional after args, or model=...)")
+    ds_config, rc, args = _resolve_config(args, config, config_params, resist)
     _check_deepspeed_config(ds_config, rc.mode)
     _init_process_group()
     _check_same_config(rc)
@@ -64,12 +75,14 @@ def initialize(
     sub: dict[str, Any] = {}
     stash: list[dict[str, torch.Tensor]] = []
     if rc.mode == "resist":
-        model, model_parameters, sub, stash = _make_sub_resnet(model, model_parameters, rc)
+        model, model_parameters, sub, stash = _make_sub_resnet(model, model_parameters, optimizer, rc)
     elif model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
     engine, optimizer, loader, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model_parameters, config=ds_config, **kwargs
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
+        lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
+        collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param,
     )
     # deepspeed.initialize broadcast every parameter from rank 0: restore this rank's own blocks.
     if stash:
@@ -80,6 +93,32 @@ def initialize(
     strategy = make_strategy(rc, engine.module, engine.optimizer, dist.get_rank(), dist.get_world_size(),
                              **({**sub, "deepspeed_engine": engine} if sub else {}))
     return ResISTEngine(engine, rc, strategy, grad_clip=grad_clip), optimizer, loader, scheduler
+
+
+def _resolve_config(args: Any, config: Any, config_params: Any, resist: ResISTConfig | None):
+    """The DeepSpeed config wherever DeepSpeed would look for it; returns (DeepSpeed's part, ResIST
+    settings, ``args`` without its config path, which DeepSpeed would otherwise read again)."""
+    given = {"config": config, "config_params": config_params}
+    for attr in ("deepspeed_config", "deepscale_config"):
+        if getattr(args, attr, None) is not None:
+            given[f"args.{attr}"] = getattr(args, attr)
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"a DeepSpeed config was given {len(given)} times ({', '.join(given)}); give it once")
+    if not given:
+        raise ValueError("a DeepSpeed config is required: config=dict or JSON path, config_params=, or args.deepspeed_config")
+    source = next(iter(given.values()))
+    ds_config, rc = split_config(source)
+    if resist is not None:
+        if isinstance(source, dict) and "resist" in source:
+            raise ValueError("give the resist settings once: either a 'resist' config section or resist=, not both")
+        rc = resist
+    if args is not None and any(hasattr(args, a) for a in ("deepspeed_config", "deepscale_config")):
+        args = copy.copy(args)
+        for attr in ("deepspeed_config", "deepscale_config"):
+            if hasattr(args, attr):
+                setattr(args, attr, None)
+    return ds_config, rc, args
 
 
 def _check_deepspeed_config(ds: dict[str, Any], mode: str) -> None:
@@ -133,9 +172,14 @@ def _same_start(model: nn.Module) -> None:
             dist.broadcast(t.data, 0)
 
 
-def _make_sub_resnet(model: nn.Module, model_parameters: Any, rc: ResISTConfig):
-    """Mode ``resist``: this rank's sub-ResNet, its trainable parameters, the section, and a
-    copy of its blocks to restore after DeepSpeed's broadcast."""
+def _keep_params(groups: list[dict[str, Any]], keep: set[int]) -> list[dict[str, Any]]:
+    """Parameter groups with only the parameters in ``keep`` (by id); options unchanged."""
+    return [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
+
+
+def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig):
+    """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the section,
+    and a copy of its blocks to restore after DeepSpeed's broadcast."""
     names = partitionable_blocks(model, rc.block_pattern)
     if not names:
         raise ValueError(
@@ -148,21 +192,37 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, rc: ResISTConfig):
     reason = degenerate_plan(world, len(names), rc.min_blocks)
     if reason and rank == 0:
         warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
-    given = None
+    meta = any(p.is_meta for p in model.parameters())
+    if isinstance(optimizer, torch.optim.Optimizer) and meta:
+        raise ValueError("a client optimizer instance cannot hold the parameters of a model on the meta device; "
+                         "pass a callable (params -> optimizer) or an optimizer section in the config")
+    groups = None
     if model_parameters is not None:
         model_parameters = list(model_parameters)
-        if model_parameters and isinstance(model_parameters[0], dict):
-            raise ValueError("model_parameters as parameter groups is not supported in resist mode; pass net.parameters()")
-        given = {id(p) for p in model_parameters}
-    if not any(p.is_meta for p in model.parameters()):
+        groups = model_parameters if model_parameters and isinstance(model_parameters[0], dict) else [{"params": model_parameters}]
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+    if meta and groups is not None:  # the meta parameters are about to be replaced by real ones
+        if isinstance(model_parameters[0], dict):
+            raise ValueError("parameter groups cannot refer to a model on the meta device; build it on a real device")
+        groups = None
+    if not meta:
         _same_start(model)
     # The local-SGD warm-up (paper section 2.6) trains the whole network on every rank: all
     # blocks in slots.  The strategy shrinks the section to this rank's first group at the switch.
     warmup = rc.warmup_local_sgd_steps > 0
     held = list(range(len(names))) if warmup else make_plan(rc.seed, 0, world, len(names), rc.min_blocks).groups[rank]
     model, section, section_name = make_sub_resnet(model, names, held, seed=rc.seed)
-    slot_ids = {id(p) for p in section.slots.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad and (given is None or id(p) in given or id(p) in slot_ids)]
+    held_ids = {id(p) for p in model.parameters()}
+    if groups is None:  # materialised from the meta device: new parameter objects
+        params: Any = [p for p in model.parameters() if p.requires_grad]
+    elif isinstance(model_parameters[0], dict):
+        params = _keep_params(groups, held_ids)
+    else:
+        params = _keep_params(groups, held_ids)[0]["params"]
+    if isinstance(optimizer, torch.optim.Optimizer):  # filtered in place: a client scheduler keeps working
+        optimizer.param_groups[:] = _keep_params(optimizer.param_groups, held_ids)
+        for p in [p for p in optimizer.state if id(p) not in held_ids]:
+            del optimizer.state[p]
     # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks.
     # (During the warm-up every rank starts from rank 0's copy of everything, as in local_sgd.)
     stash = [] if warmup else [{k: v.clone() for k, v in s.state_dict().items()} for s in section.slots]

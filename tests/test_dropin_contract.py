@@ -1,0 +1,111 @@
+"""``resist_det.initialize`` takes every way ``deepspeed.initialize`` is called (2 gloo ranks).
+
+In each form the rank ends up holding only its own blocks: module, optimizer groups, gradients
+and optimizer state are counted against the sub-ResNet's parameters.
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from distributed import run_on_ranks
+from helpers import LAYERS, batch, ds_config, preact_net
+
+N_BLOCKS, MIN_BLOCKS = LAYERS[2] - 1, 2
+
+
+def _holdings(engine, optimizer, micro=1):
+    """Counts of what the rank holds after one optimizer step (``micro`` micro-batches) and one more backward."""
+    gen = torch.Generator().manual_seed(engine.rank)
+    for i in range(micro + 1):
+        x, y = batch(gen)
+        engine.backward(F.cross_entropy(engine(x), y))
+        if i < micro:
+            engine.step()
+    module = {id(p) for p in engine.module.parameters()}
+    in_groups = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    return dict(
+        params=sum(p.numel() for p in engine.module.parameters()),
+        groups_are_module=set(in_groups) == module and len(in_groups) == len(module),
+        grads_in_module={id(p) for p in engine.module.parameters() if p.grad is not None} <= module,
+        state_in_module={id(p) for p in optimizer.state} <= module and len(optimizer.state) > 0,
+        slots=len(engine.section.slots),
+    )
+
+
+def _forms(rank, world, cfg_path):
+    import resist_det
+
+    out = {}
+    cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=2, min_blocks=MIN_BLOCKS)
+
+    # DeepSpeed's positional order, config from args.deepspeed_config (the --deepspeed_config flag).
+    net = preact_net()
+    args = argparse.Namespace(deepspeed_config=cfg_path, local_rank=rank)
+    engine, opt, _, _ = resist_det.initialize(args, net, None, net.parameters())
+    out["positional_args"] = _holdings(engine, opt)
+    out["args_untouched"] = args.deepspeed_config == cfg_path
+
+    # The older flag name, keyword style.
+    net = preact_net()
+    engine, opt, _, _ = resist_det.initialize(args=argparse.Namespace(deepscale_config=cfg_path), model=net,
+                                              model_parameters=net.parameters())
+    out["deepscale_config"] = _holdings(engine, opt)
+
+    # Parameter groups: weight decay on weights, none on norms and biases; options survive.
+    net = preact_net()
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, opt, _, _ = resist_det.initialize(model=net, model_parameters=groups, config_params=cfg)
+    out["groups"] = _holdings(engine, opt)
+    out["group_decay"] = [g["weight_decay"] for g in opt.param_groups]
+
+    # A client optimizer and scheduler: filtered in place, the scheduler still drives it.
+    net = preact_net()
+    client = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(client, step_size=1, gamma=0.5)
+    no_opt_cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+    engine, opt, _, lr_sched = resist_det.initialize(model=net, optimizer=client, lr_scheduler=sched, config=no_opt_cfg)
+    out["client"] = _holdings(engine, opt)
+    out["client_same"] = opt is client and lr_sched is sched and sched.optimizer is client
+    lr_sched.step()
+    out["client_lr"] = [g["lr"] for g in client.param_groups]
+
+    # DeepSpeed's WarmupLR from the config, and gradient accumulation (rounds count optimizer steps).
+    net = preact_net()
+    acc_cfg = {**cfg, "gradient_accumulation_steps": 2,
+               "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.05, "warmup_num_steps": 4}}}
+    engine, opt, _, lr_sched = resist_det.initialize(model=net, model_parameters=net.parameters(), config=acc_cfg)
+    gen, lrs = torch.Generator().manual_seed(rank), []
+    for _ in range(8):  # 8 micro-batches = 4 optimizer steps = 2 rounds of 2 local steps
+        x, y = batch(gen)
+        engine.backward(F.cross_entropy(engine(x), y))
+        engine.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    out["accumulation"] = (engine.global_steps, engine.round, lrs)
+    out["accumulation_holdings"] = _holdings(engine, opt, micro=2)
+    return out
+
+
+def test_every_call_form(tmp_path):
+    cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=2, min_blocks=MIN_BLOCKS)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    res = run_on_ranks(_forms, 2, tmp_path, str(path), timeout=300)
+    full = sum(p.numel() for p in preact_net().parameters())
+    block = sum(p.numel() for p in preact_net().layer3[1].parameters())
+    k = max(-(-N_BLOCKS // 2), MIN_BLOCKS)
+    for r in res:
+        for form in ("positional_args", "deepscale_config", "groups", "client", "accumulation_holdings"):
+            h = r[form]
+            assert h["slots"] == k and h["params"] == full - (N_BLOCKS - k) * block, form
+            assert h["groups_are_module"] and h["grads_in_module"] and h["state_in_module"], form
+        assert r["args_untouched"]
+        assert r["group_decay"] == [5e-4, 0.0]
+        assert r["client_same"] and r["client_lr"] == [0.025]  # 0.1, halved at DeepSpeed's step and at ours
+        steps, rounds, lrs = r["accumulation"]
+        assert (steps, rounds) == (4, 2)
+        assert lrs[1] < lrs[3] < lrs[5] and lrs[0] == lrs[1]  # WarmupLR moves at optimizer steps only
