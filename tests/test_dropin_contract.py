@@ -109,3 +109,54 @@ def test_every_call_form(tmp_path):
         steps, rounds, lrs = r["accumulation"]
         assert (steps, rounds) == (4, 2)
         assert lrs[1] < lrs[3] < lrs[5] and lrs[0] == lrs[1]  # WarmupLR moves at optimizer steps only
+
+
+# ---- optimizer state at a sync, by optimizer kind; ResIST's figures in DeepSpeed's monitor --------
+def _state_at_sync(rank, world, log_dir):
+    import warnings
+
+    import resist_det
+    from helpers import train_steps
+
+    out = {}
+    adam = {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}
+    for name, optimizer, momentum in (("sgd_auto", None, "auto"), ("adam_auto", adam, "auto"), ("adam_restart", adam, "restart")):
+        cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=2, min_blocks=MIN_BLOCKS, momentum=momentum)
+        if optimizer:
+            cfg["optimizer"] = optimizer
+        if name == "sgd_auto":
+            cfg["csv_monitor"] = {"enabled": True, "output_path": log_dir, "job_name": "resist"}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine, opt, *_ = resist_det.initialize(model=preact_net(), config=cfg)
+        out[f"{name}_warned"] = any("wipes the optimizer's moment estimates" in str(w.message) for w in caught)
+        gen = torch.Generator().manual_seed(rank)
+        train_steps(engine, 1, gen)
+        before = list(engine.section.slot_blocks)
+        train_steps(engine, 1, gen)  # the round ends: a sync
+        slot_params = {id(p) for p in engine.section.slots.parameters()}
+        shared = [p for p in engine.module.parameters() if id(p) not in slot_params]
+        out[name] = dict(
+            empty=len(opt.state) == 0,
+            shared_with_state=all(p in opt.state for p in shared),
+            # per slot: (the block changed at the sync, its parameters have optimizer state)
+            slots=[(a != b, all(p in opt.state for p in s.parameters()))
+                   for a, b, s in zip(before, engine.section.slot_blocks, engine.section.slots)],
+        )
+    return out
+
+
+def test_optimizer_state_by_kind_and_monitor(tmp_path):
+    import csv
+
+    res = run_on_ranks(_state_at_sync, 2, tmp_path, str(tmp_path / "monitor"))
+    for rank, r in enumerate(res):
+        assert r["sgd_auto"]["empty"] and r["adam_restart"]["empty"]  # SGD: the paper's momentum restart
+        # Adam with auto: moments kept for everything that stayed, fresh for blocks that arrived.
+        assert r["adam_auto"]["shared_with_state"]
+        assert all(has_state == (not changed) for changed, has_state in r["adam_auto"]["slots"])
+        assert r["adam_restart_warned"] == (rank == 0) and not r["adam_auto_warned"] and not r["sgd_auto_warned"]
+    assert any(changed for r in res for changed, _ in r["adam_auto"]["slots"])  # the check above saw an arrival
+    rows = list(csv.reader(open(tmp_path / "monitor" / "resist" / "ResIST_bytes_sent_round.csv")))
+    assert rows[0] == ["step", "bytes_sent_round"] and len(rows) == 2 and int(rows[1][1]) > 0
+    assert (tmp_path / "monitor" / "resist" / "ResIST_sync_seconds.csv").is_file()

@@ -25,7 +25,7 @@ from .config import ResISTConfig, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
 from .plan import check_plan_args, degenerate_plan, make_plan
-from .strategies import make_strategy
+from .strategies import adaptive_optimizer, make_strategy
 from .subnet import make_sub_resnet
 
 __all__ = ["initialize"]
@@ -92,6 +92,10 @@ def initialize(
         engine.enable_backward_allreduce = False
     strategy = make_strategy(rc, engine.module, engine.optimizer, dist.get_rank(), dist.get_world_size(),
                              **({**sub, "deepspeed_engine": engine} if sub else {}))
+    if rc.momentum == "restart" and strategy.has_rounds and adaptive_optimizer(engine.optimizer) and dist.get_rank() == 0:
+        warnings.warn(
+            f"resist.momentum 'restart' with {type(engine.optimizer).__name__}: every round wipes the optimizer's moment "
+            "estimates, which slows an Adam-family optimizer badly; use 'auto' or 'keep'", stacklevel=2)
     return ResISTEngine(engine, rc, strategy, grad_clip=grad_clip), optimizer, loader, scheduler
 
 

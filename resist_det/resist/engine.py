@@ -17,6 +17,7 @@ written, is DeepSpeed's engine's (``engine.train()``, ``engine.gradient_accumula
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +151,28 @@ class ResISTEngine:
     @torch.no_grad()
     def _end_round(self) -> int:
         index, switch = self.schedule.rounds, self.schedule.switch_due
+        start = time.perf_counter()
         sent = self.strategy.sync(index, switch)
+        seconds = time.perf_counter() - start
         self.schedule.end_round()
         self.bytes_sent += sent
+        self._monitor_round(sent, seconds)
         return sent
+
+    def _monitor_round(self, sent: int, seconds: float) -> None:
+        """ResIST's figures of the round to DeepSpeed's monitor (TensorBoard, W&B, CSV), when the
+        config enables one; DeepSpeed writes on rank 0, so the bytes are rank 0's."""
+        monitor = getattr(self.deepspeed_engine, "monitor", None)
+        if monitor is None or not monitor.enabled:
+            return
+        step = self.deepspeed_engine.global_samples
+        monitor.write_events([
+            ("ResIST/round", self.schedule.rounds, step),
+            ("ResIST/bytes_sent_round", sent, step),
+            ("ResIST/bytes_sent_total", self.bytes_sent, step),
+            ("ResIST/subnet_parameters", sum(p.numel() for p in self.module.parameters()), step),
+            ("ResIST/sync_seconds", seconds, step),
+        ])
 
     # ---- the global network -------------------------------------------------------------------
     def residual_scale(self) -> float:

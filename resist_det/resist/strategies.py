@@ -27,7 +27,7 @@ from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
 from .sync import average_tensors, gather_blocks, route_blocks
 
-__all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "make_strategy"]
+__all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "adaptive_optimizer", "make_strategy"]
 
 
 class Strategy:
@@ -89,15 +89,27 @@ class Strategy:
     def _average(self, tensors: list[torch.Tensor]) -> int:
         return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20))
 
+    @property
+    def restarts_state(self) -> bool:
+        """Whether a sync clears the optimizer state (``momentum``: restart, or auto with plain SGD)."""
+        m = self.config.momentum
+        return m == "restart" or (m == "auto" and not adaptive_optimizer(self.optimizer))
+
     def _reset_optimizer_state(self, arrived: list[nn.Module]) -> None:
         """Momentum restart (paper), or keep it except for blocks that arrived from another rank."""
         state = self.optimizer.state
-        if self.config.momentum == "restart":
+        if self.restarts_state:
             state.clear()
             return
         for m in arrived:
             for p in m.parameters():
                 state.pop(p, None)
+
+
+def adaptive_optimizer(optimizer: Any) -> bool:
+    """Adam-family optimizers (per-parameter moment estimates, ``betas``): a restart wipes what they learned."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrappers keep the torch optimizer here
+    return "betas" in getattr(inner, "defaults", {}) or "betas" in getattr(optimizer, "defaults", {})
 
 
 class DataParallel(Strategy):
