@@ -100,6 +100,23 @@ def evaluate(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="global_model.pt of a training run, or its output_dir.")],
+    out: Annotated[Path, typer.Option(help="File to write: the network's state_dict (tensors only).")] = Path("model.pt"),
+) -> None:
+    """Write a trained global network as a plain state_dict for the recipe's own model class."""
+    from .io import atomic_torch_save
+    from .train.evaluate import load_global_model
+
+    try:
+        saved, _ = load_global_model(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    atomic_torch_save(saved["model"], out)
+    typer.echo(f"wrote {len(saved['model'])} tensors to {out} (load with torch.load(path, weights_only=True))")
+
+
+@app.command()
 def plan(
     workers: Annotated[int, typer.Option("--workers", "-S", min=1, help="Number of sub-ResNets (ranks).")] = 4,
     model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth>, yolo-resnet<depth>, vit-tiny or a torchvision model name.")] = "cifar-resnet101",

@@ -25,6 +25,7 @@ import deepspeed.comm as dist
 import torch
 from torch import nn
 
+from ..io import atomic_torch_save
 from . import checkpoint as ckpt
 from .config import ResISTConfig
 from .schedule import RoundSchedule
@@ -199,6 +200,14 @@ class ResISTEngine:
         self.bytes_sent += sent
         return net
 
+    def export_global_model(self, path: str | Path, dst: int = 0) -> Path | None:
+        """Write the global network's ``state_dict`` (the user's own keys, scales folded; tensors
+        only, so ``torch.load(path, weights_only=True)`` reads it) on rank ``dst``.  Collective."""
+        net = self.global_model(dst)
+        if net is None:
+            return None
+        return atomic_torch_save(net.state_dict(), path)
+
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """ResIST state for ``save_checkpoint(..., client_state={"resist": engine.state_dict()})``."""
@@ -224,8 +233,10 @@ class ResISTEngine:
         client_state = {**(client_state or {}), "resist": self.state_dict()}
         ok = inner.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, **kwargs)
         if self.config.mode != "ddp":
-            ckpt.save_rank_state(save_dir, tag, self.rank, {
-                "module": inner.module.state_dict(), "optimizer": inner.optimizer.state_dict(), "resist": self.state_dict()})
+            own: dict[str, Any] = {"resist": self.state_dict()}
+            if self.rank != 0:  # rank 0's sub-network and optimizer are in DeepSpeed's own files already
+                own.update(module=inner.module.state_dict(), optimizer=inner.optimizer.state_dict())
+            ckpt.save_rank_state(save_dir, tag, self.rank, own)
         if self.rank == 0:
             ckpt.write_record(save_dir, tag, self.world_size, self.config)
         dist.barrier()
@@ -244,8 +255,9 @@ class ResISTEngine:
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(load_dir) / tag}")
         if own is not None:
-            self.module.load_state_dict(own["module"])
-            self.optimizer.load_state_dict(own["optimizer"])
+            if "module" in own:  # (rank 0's come from DeepSpeed's files)
+                self.module.load_state_dict(own["module"])
+                self.optimizer.load_state_dict(own["optimizer"])
         else:
             self.load_state_dict(client["resist"])
         return path, client

@@ -27,7 +27,7 @@ def load_global_model(checkpoint: str | Path) -> tuple[dict[str, Any], Any]:
     """The saved record of a global network (weights with the residual scales folded in, recipe) and its recipe."""
     path = _checkpoint_file(checkpoint)
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({e})") from None
     for key in ("model", "recipe"):
