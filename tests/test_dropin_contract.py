@@ -160,3 +160,25 @@ def test_optimizer_state_by_kind_and_monitor(tmp_path):
     rows = list(csv.reader(open(tmp_path / "monitor" / "resist" / "ResIST_bytes_sent_round.csv")))
     assert rows[0] == ["step", "bytes_sent_round"] and len(rows) == 2 and int(rows[1][1]) > 0
     assert (tmp_path / "monitor" / "resist" / "ResIST_sync_seconds.csv").is_file()
+
+
+def _autocast_bf16(rank, world):
+    import resist_det
+    from helpers import shared_snapshot
+
+    engine, *_ = resist_det.initialize(model=preact_net(), config=ds_config(local_steps=2, min_blocks=MIN_BLOCKS))
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        x, y = batch(gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+    return engine.round, shared_snapshot(engine), {n: p.dtype for n, p in engine.module.named_parameters()}
+
+
+def test_bf16_autocast_keeps_sync_invariants(tmp_path):
+    res = run_on_ranks(_autocast_bf16, 2, tmp_path)
+    assert all(r[0] == 1 for r in res)
+    assert set(res[0][2].values()) == {torch.float32}  # fp32 weights, bf16 compute
+    assert all(torch.equal(v, res[0][1][k]) for r in res for k, v in r[1].items())

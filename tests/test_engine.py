@@ -220,6 +220,8 @@ def _expect_error(rank, world, cfg_by_rank, layers):
         ([_cfg(mode="fast")], LAYERS, 1, "resist.mode"),
         ([_cfg(local_steps=5), _cfg(local_steps=6)], LAYERS, 2, "different 'resist' config sections"),
         ([_cfg()], [1, 1, 1, 1], 1, "no partitionable blocks.*use resist.mode 'local_sgd'"),
+        ([{**_cfg(), "bf16": {"enabled": True}}], LAYERS, 1, "bf16.enabled is not supported.*BF16_Optimizer partitions.*torch.autocast"),
+        ([{**_cfg(), "fp16": {"enabled": True}}], LAYERS, 1, "fp16.enabled is not supported.*stale master copies"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, cfgs, layers, world, msg):

@@ -131,11 +131,21 @@ def _check_deepspeed_config(ds: dict[str, Any], mode: str) -> None:
     zero = (ds.get("zero_optimization") or {}).get("stage", 0)
     if zero:
         raise ValueError(f"zero_optimization.stage must be 0 with resist.mode={mode!r} (got {zero}): ranks hold different blocks")
-    for key in ("fp16", "bf16"):
+    why = {
+        # DeepSpeed 0.19: BF16_Optimizer splits one flat fp32 master copy of all parameters into equal
+        # partitions over the data-parallel ranks and all-gathers the updated partitions every step.
+        "bf16": "DeepSpeed's BF16_Optimizer partitions one flat fp32 master copy of the parameters across the ranks "
+                "and all-gathers it after every step, which assumes every rank holds the same parameters",
+        # FP16_Optimizer keeps flat fp32 master weights that it copies back into the fp16 module after
+        # each step: blocks routed into the module at a sync would be overwritten by stale masters.
+        "fp16": "DeepSpeed's FP16_Optimizer keeps flat fp32 master weights and copies them over the module after every "
+                "step, so blocks routed into the module at a sync would be overwritten by stale master copies",
+    }
+    for key, reason in why.items():
         if (ds.get(key) or {}).get("enabled"):
             raise ValueError(
-                f"{key}.enabled is not supported with resist.mode={mode!r}: DeepSpeed's {key} optimizer keeps master "
-                "weights that in-place block routing would bypass; use torch.autocast in the forward pass instead"
+                f"{key}.enabled is not supported with resist.mode={mode!r}: {reason}; train in fp32 with "
+                "torch.autocast(device_type, dtype=torch.bfloat16) around the forward pass instead (mode 'ddp' takes it)"
             )
 
 
