@@ -186,16 +186,12 @@ class ResISTEngine:
         Collective.  Each partitioned block comes from one holder; its residual branch is
         scaled by :meth:`residual_scale`, folded into its weights (``fold=True``: the result
         loads into a fresh instance of the user's model with the original ``state_dict`` keys)
-        or kept as a forward hook (``fold=False``).  Only at a round boundary, when every copy
-        of a tensor agrees: mid-round it raises ``RuntimeError`` (call :meth:`synchronize` first).
+        or kept as a forward hook (``fold=False``).  Called mid-round, it first ends the round
+        (:meth:`synchronize`), so the copies it stitches together agree.
         """
-        if self.strategy.has_rounds and self.schedule.pending:
-            # Mid-round the ranks' copies of the shared layers differ: a global network stitched
-            # from them would be a silent mix.  (Every rank sees the same schedule: all raise.)
-            raise RuntimeError(
-                f"global_model() called mid-round ({self.schedule.local_step} local steps since the last sync); "
-                "call engine.synchronize() first (collective: on every rank)"
-            )
+        # Mid-round the ranks' copies of the shared layers differ: a network stitched from them
+        # would be a silent mix, so the round ends here first (every rank is in this call).
+        self.synchronize()
         net, sent = self.strategy.global_model(dst, fold)
         self.bytes_sent += sent
         return net
