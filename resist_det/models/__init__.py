@@ -14,7 +14,8 @@ __all__ = [
     "resnet",
 ]
 
-from .yolo import VOC_ANCHORS, YOLODetector, decode_predictions, rescale_boxes, yolo_resnet
+from .yolo import YOLODetector, yolo_resnet
+from .yolo_decode import VOC_ANCHORS, decode_predictions, rescale_boxes
 from .yolo_loss import YOLOv2Loss, assign_targets
 
 __all__ += ["VOC_ANCHORS", "YOLODetector", "YOLOv2Loss", "assign_targets", "decode_predictions", "rescale_boxes", "yolo_resnet"]

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .yolo import VOC_ANCHORS, YOLO_STRIDE, _check_anchors, cxcywh_to_xyxy, decode_boxes
+from .yolo import YOLO_STRIDE
+from .yolo_decode import VOC_ANCHORS, _check_anchors, cxcywh_to_xyxy, decode_boxes
 
 __all__ = ["YOLOv2Loss", "YOLOTargets", "Assignment", "assign_targets", "box_iou_xyxy"]
 
