@@ -182,3 +182,35 @@ def test_bf16_autocast_keeps_sync_invariants(tmp_path):
     assert all(r[0] == 1 for r in res)
     assert set(res[0][2].values()) == {torch.float32}  # fp32 weights, bf16 compute
     assert all(torch.equal(v, res[0][1][k]) for r in res for k, v in r[1].items())
+
+
+def _moments_travel(rank, world):
+    import resist_det
+    from helpers import train_steps
+
+    cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=10**6, min_blocks=4, momentum="average")
+    engine, opt, *_ = resist_det.initialize(model=preact_net(), config=cfg)
+    train_steps(engine, 2, torch.Generator().manual_seed(rank))
+
+    def snapshot():
+        slot_ids = {id(p) for p in engine.section.slots.parameters()}
+        blocks = {b: torch.cat([opt.state[p]["momentum_buffer"].flatten() for p in s.parameters()]).clone()
+                  for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+        shared = [opt.state[p]["momentum_buffer"].clone() for p in engine.module.parameters() if id(p) not in slot_ids]
+        return blocks, shared
+
+    before, plan = snapshot(), engine.plan.groups
+    engine.synchronize()
+    return plan, before, snapshot()
+
+
+def test_average_moves_moments_with_the_weights(tmp_path):
+    res = run_on_ranks(_moments_travel, 2, tmp_path)
+    old = res[0][0]
+    for plan, before, after in res:
+        for b, value in after[0].items():  # each block's momentum = the mean over its previous holders
+            holders = [h for h in range(2) if b in old[h]]
+            torch.testing.assert_close(value, torch.stack([res[h][1][0][b] for h in holders]).mean(0), rtol=1e-6, atol=1e-8)
+        for mine, ref in zip(after[1], res[0][2][1]):  # shared momentum: identical, the mean of the ranks'
+            assert torch.equal(mine, ref)
+    assert any(len([h for h in range(2) if b in old[h]]) == 2 for b in range(N_BLOCKS))  # some block was shared

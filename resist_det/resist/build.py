@@ -25,7 +25,8 @@ from .config import ResISTConfig, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
 from .plan import check_plan_args, degenerate_plan, make_plan
-from .strategies import adaptive_optimizer, make_strategy
+from .optimizer_state import adaptive_optimizer
+from .strategies import make_strategy
 from .subnet import make_sub_resnet
 
 __all__ = ["initialize"]

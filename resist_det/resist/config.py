@@ -34,9 +34,10 @@ class ResISTConfig(BaseModel):
     min_blocks: int = Field(5, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10)")
     seed: int = Field(0, ge=0, description="seed of the partition plans")
     scale: Literal["inclusion", "inverse_s"] = Field("inclusion", description="residual scaling of the global network")
-    momentum: Literal["auto", "restart", "keep"] = Field(
+    momentum: Literal["auto", "restart", "keep", "average"] = Field(
         "auto", description="optimizer state at each round: restart (paper, for SGD momentum), keep (arriving blocks start "
-        "fresh), or auto (restart for SGD, keep for Adam-family optimizers, whose moments a restart wipes)")
+        "fresh), average (moments averaged and routed with the weights), or auto (restart for SGD, keep for "
+        "Adam-family optimizers, whose moments a restart wipes)")
     bn: Literal["average", "local"] = Field("average", description="BN running statistics: averaged at sync, or kept local")
     bn_sync_rounds: int = Field(1, ge=1, description="average BN statistics every this many rounds (paper ImageNet: 1300)")
     warmup_local_sgd_steps: int = Field(0, ge=0, description="local-SGD steps before ResIST starts (paper section 2.6)")

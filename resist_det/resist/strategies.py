@@ -23,11 +23,12 @@ from torch import nn
 
 from .adapters import fold_branch_scale, set_branch_scale
 from .config import ResISTConfig
+from .optimizer_state import moments, reset_state
 from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
-from .sync import average_tensors, gather_blocks, route_blocks
+from .sync import average_tensors, block_tensors, gather_blocks, route_blocks
 
-__all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "adaptive_optimizer", "make_strategy"]
+__all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "make_strategy"]
 
 
 class Strategy:
@@ -64,6 +65,10 @@ class Strategy:
         """The tensors every rank holds and a sync averages over all ranks."""
         return self._tensors(with_buffers)
 
+    def _shared_params(self, skip: nn.Module | None = None) -> list[nn.Parameter]:
+        held = set() if skip is None else {id(p) for p in skip.parameters()}
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in held]
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -89,27 +94,12 @@ class Strategy:
     def _average(self, tensors: list[torch.Tensor]) -> int:
         return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20))
 
-    @property
-    def restarts_state(self) -> bool:
-        """Whether a sync clears the optimizer state (``momentum``: restart, or auto with plain SGD)."""
-        m = self.config.momentum
-        return m == "restart" or (m == "auto" and not adaptive_optimizer(self.optimizer))
+    def _with_state(self, tensors: list[torch.Tensor], params: list[nn.Parameter]) -> list[torch.Tensor]:
+        """``tensors`` plus the optimizer moments of ``params`` when they travel with the weights."""
+        return tensors + (moments(self.optimizer, params) if self.config.momentum == "average" else [])
 
     def _reset_optimizer_state(self, arrived: list[nn.Module]) -> None:
-        """Momentum restart (paper), or keep it except for blocks that arrived from another rank."""
-        state = self.optimizer.state
-        if self.restarts_state:
-            state.clear()
-            return
-        for m in arrived:
-            for p in m.parameters():
-                state.pop(p, None)
-
-
-def adaptive_optimizer(optimizer: Any) -> bool:
-    """Adam-family optimizers (per-parameter moment estimates, ``betas``): a restart wipes what they learned."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's wrappers keep the torch optimizer here
-    return "betas" in getattr(inner, "defaults", {}) or "betas" in getattr(optimizer, "defaults", {})
+        reset_state(self.optimizer, self.config.momentum, [p for m in arrived for p in m.parameters()])
 
 
 class DataParallel(Strategy):
@@ -133,7 +123,7 @@ class LocalSGD(Strategy):
     mode = "local_sgd"
 
     def sync(self, round_index: int, switch: bool) -> int:
-        sent = self._average(self.shared_tensors(self._with_bn(round_index)))
+        sent = self._average(self._with_state(self.shared_tensors(self._with_bn(round_index)), self._shared_params()))
         self._reset_optimizer_state([])
         return sent
 
@@ -184,17 +174,18 @@ class ResIST(Strategy):
     def sync(self, round_index: int, switch: bool) -> int:
         with_bn = self._with_bn(round_index)
         if self.in_warmup:  # local SGD on the whole network
-            sent = self._average(self.shared_tensors(with_bn))
+            sent = self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params()))
             if switch:
                 self._restart_plans(0)
                 self._end_warmup(self.plan.groups[self.rank])
                 self.resist_start = round_index + 1
             self._reset_optimizer_state([])
             return sent
-        sent = self._average(self.shared_tensors(with_bn))
+        sent = self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params(skip=self.section.slots)))
         new = next(self._plans)
         before = list(self.section.slot_blocks)
-        slot_blocks, p2p = route_blocks(self.section.slots, before, self.plan, new, self.rank)
+        slot_blocks, p2p = route_blocks(self.section.slots, before, self.plan, new, self.rank,
+                                        tensors=lambda m: self._with_state(block_tensors(m), list(m.parameters())))
         self.section.assign(slot_blocks)
         self.plan = new
         arrived = [self.section.slots[i] for i, (a, b) in enumerate(zip(before, slot_blocks)) if a != b]

@@ -14,7 +14,7 @@ message per rank in a group of ``g``; a point-to-point message costs its size on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import deepspeed.comm as dist
 import torch
@@ -85,12 +85,14 @@ def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, in
 
 
 @torch.no_grad()
-def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Plan, new: Plan, rank: int) -> tuple[list[int], int]:
+def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Plan, new: Plan, rank: int,
+                 tensors: Callable[[nn.Module], list[Tensor]] = block_tensors) -> tuple[list[int], int]:
     """Average every partitioned block over its holders in ``old`` and deliver it to ``new``.
 
     ``slots[i]`` holds block ``slot_blocks[i]`` (this rank's group in ``old``).  On return the
     slots hold this rank's group in ``new``; a block this rank keeps stays in its slot.
-    Returns ``(new slot_blocks, bytes sent by this rank)``.
+    ``tensors(block)`` is what travels with a block (default :func:`block_tensors`; the same
+    sizes on every rank).  Returns ``(new slot_blocks, bytes sent by this rank)``.
     """
     num_blocks = 1 + max(max(g) for g in old.groups)
     mine_old = {b: slots[i] for i, b in enumerate(slot_blocks)}
@@ -105,12 +107,12 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
             continue
         r = reducer_of(b, old, new)
         if rank == r:
-            own = _flatten_dense_tensors(block_tensors(mine_old[b]))
+            own = _flatten_dense_tensors(tensors(mine_old[b]))
             bufs = [torch.empty_like(own) for h in holders if h != r]
             recvs += [(buf, h, b) for buf, h in zip(bufs, [h for h in holders if h != r])]
             partial[b] = (own, bufs, len(holders))
         elif rank in holders:
-            sends.append((_flatten_dense_tensors(block_tensors(mine_old[b])), r, b))
+            sends.append((_flatten_dense_tensors(tensors(mine_old[b])), r, b))
     sent += _exchange(sends, recvs)
     averaged: dict[int, Tensor] = {}
     for b, (own, bufs, count) in partial.items():
@@ -126,11 +128,11 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
         if rank == r and targets:
             flat = averaged.get(b)
             if flat is None:  # a single holder: its copy is the average
-                flat = _flatten_dense_tensors(block_tensors(mine_old[b]))
+                flat = _flatten_dense_tensors(tensors(mine_old[b]))
             sends += [(flat, h, num_blocks + b) for h in targets]
         elif rank in targets:
             template = next(iter(mine_old.values()))
-            buf = _flat_buffer(block_tensors(template))
+            buf = _flat_buffer(tensors(template))
             recvs.append((buf, r, num_blocks + b))
             incoming[b] = buf
     sent += _exchange(sends, recvs)
@@ -147,7 +149,7 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
         value = incoming.get(b, averaged.get(b))
         if value is None:
             continue  # held alone before and now: already in place
-        dst = block_tensors(slots[i])
+        dst = tensors(slots[i])
         for t, v in zip(dst, _unflatten_dense_tensors(value, dst)):
             t.copy_(v)
     return new_slot_blocks, sent
