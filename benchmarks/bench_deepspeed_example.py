@@ -27,14 +27,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "deepspeed_example" / "cifar10_deepspeed.py"
-RESIST_SECTION = '        "resist": {"local_steps": 5, "min_blocks": 2},  # the added section\n'
+DEFAULT_SECTION = '{"local_steps": 5, "min_blocks": 2}'
 
 
-def resist_version(text: str) -> str:
+def resist_version(text: str, section: str) -> str:
     """The user's script with ``resist_det.initialize`` in place of ``deepspeed.initialize``."""
     text = text.replace("import deepspeed\n", "import deepspeed, resist_det\n", 1)
     text = text.replace("= deepspeed.initialize(", "= resist_det.initialize(")
-    return text.replace('        "gradient_clipping": 1.0,\n', '        "gradient_clipping": 1.0,\n' + RESIST_SECTION, 1)
+    added = f'        "resist": {section},  # the added section\n'
+    return text.replace('        "gradient_clipping": 1.0,\n', '        "gradient_clipping": 1.0,\n' + added, 1)
 
 
 def run(script: Path, nproc: int, images: int, extra: list[str]) -> dict:
@@ -52,6 +53,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=4096)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--resist", default=DEFAULT_SECTION, help="the added resist section (JSON)")
     ap.add_argument("--record", type=Path, default=None, help="also write the output to this file")
     args = ap.parse_args()
     out: list[str] = []
@@ -63,10 +65,10 @@ def main() -> int:
     original = SCRIPT.read_text()
     with tempfile.TemporaryDirectory() as tmp:
         derived = Path(tmp) / "cifar10_resist.py"
-        derived.write_text(resist_version(original))
+        derived.write_text(resist_version(original, json.dumps(json.loads(args.resist))))
         diff = [d for d in difflib.unified_diff(original.splitlines(), derived.read_text().splitlines(), lineterm="", n=0)
                 if d[:1] in "+-" and not d.startswith(("+++", "---"))]
-        say(f"$ python benchmarks/bench_deepspeed_example.py --images {args.images} --nproc {args.nproc}")
+        say(f"$ python benchmarks/bench_deepspeed_example.py --images {args.images} --nproc {args.nproc} --resist '{args.resist}'")
         say(f"the ResIST version differs from {SCRIPT.relative_to(HERE.parent)} in {len(diff)} diff lines:")
         for d in diff:
             say("  " + d.strip()[:150])
