@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: the recipe's)")
     ap.add_argument("--out", default="runs/bench_fmnist")
+    ap.add_argument("--reuse-finished", action="store_true",
+                    help="take runs whose summary.json already exists in --out instead of training them again")
     args = ap.parse_args()
 
     rows = []
@@ -40,7 +42,9 @@ def main() -> int:
             if args.data:
                 overrides["data.root"] = args.data
             print(f"== {mode}, seed {seed}", flush=True)
-            if launch(recipe_path(recipe), nproc=args.nproc, overrides=overrides, progress=True) != 0:
+            if args.reuse_finished and (out / "summary.json").is_file():
+                print(f"(finished run reused: {out / 'summary.json'})", flush=True)
+            elif launch(recipe_path(recipe), nproc=args.nproc, overrides=overrides, progress=True) != 0:
                 print(f"training failed: {mode} seed {seed}", file=sys.stderr)
                 return 2
             s = json.loads((out / "summary.json").read_text())
