@@ -51,9 +51,19 @@ def test_single_worker_equals_plain_training(tmp_path, kind):
 def _local_sgd_vs_ddp(rank, world, kind):
     import resist_det
 
+    from torchvision.ops import FrozenBatchNorm2d
+
+    def build():
+        # Train-mode BatchNorm over 4 samples at 1x1 resolution (the stock stem downsamples 8x8
+        # inputs 32x) amplifies float rounding about 1000x per step, so two exact-in-theory
+        # reductions drift apart; the stock net uses detection's FrozenBatchNorm2d here instead.
+        if kind == "stock":
+            return stock_net(seed=2, layers=LAYERS, norm_layer=FrozenBatchNorm2d)
+        return _build(kind, 2)
+
     out = {}
     for mode in ("local_sgd", "ddp"):
-        engine, *_ = resist_det.initialize(model=_build(kind, 2), config=_cfg(lr=0.1, mode=mode, local_steps=1))
+        engine, *_ = resist_det.initialize(model=build(), config=_cfg(lr=0.1, mode=mode, local_steps=1))
         _train(engine, 4, torch.Generator().manual_seed(100 + rank))  # different data per rank
         out[mode] = {k: v.clone() for k, v in engine.module.named_parameters()}
     return out
