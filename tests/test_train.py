@@ -1,30 +1,14 @@
 """The training loop, resume, the CLI's checks and the evaluation of saved global networks."""
 
 import json
-import struct
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from distributed import run_on_ranks
+from helpers import write_idx as _write_idx
 from resist_det.cli import app
-
-
-def _write_idx(folder, n_train=64, n_test=32, seed=0):
-    """A tiny Fashion-MNIST in its IDX form: the label is the brightest quadrant of a noisy image."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 4, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, lab in enumerate(labels):
-            r, c = divmod(int(lab), 2)
-            images[i, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 150
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-    return folder
 
 
 def _recipe(tmp_path, out="run", **resist):

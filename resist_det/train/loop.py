@@ -68,6 +68,16 @@ def _max_over_ranks(value: float) -> float:
     return float(t.item())
 
 
+def nic_tx_bytes() -> int | None:
+    """Bytes the NIC named by ``GLOO_SOCKET_IFNAME`` has sent (sysfs), read once per machine
+    (local rank 0); ``None`` without such a NIC.  Lets a run put wire bytes beside accounted ones."""
+    nic = os.environ.get("GLOO_SOCKET_IFNAME")
+    stat = Path(f"/sys/class/net/{nic}/statistics/tx_bytes")
+    if not nic or not stat.is_file():
+        return None
+    return int(stat.read_text()) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 0
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -85,6 +95,7 @@ class Run:
     loader: DataLoader
     steps_per_epoch: int
     out: Path
+    nic_tx_start: int | None = None  # this machine's NIC counter when training began (see nic_tx_bytes)
     log: MetricsLog | None = None
     memory: dict[str, int] = field(default_factory=dict)
 
@@ -137,7 +148,8 @@ def setup(recipe: Recipe) -> Run:
         raise ValueError(
             f"the training set ({len(task.train_set)} images) is smaller than one batch per rank ({batch} x {world} ranks)"
         )
-    return Run(recipe, rank, world, task, engine, sampler, loader, steps, Path(recipe.train.output_dir))
+    return Run(recipe, rank, world, task, engine, sampler, loader, steps, Path(recipe.train.output_dir),
+               nic_tx_start=nic_tx_bytes())
 
 
 def resume_from_checkpoint(run: Run) -> tuple[int, float]:
@@ -192,10 +204,19 @@ def train_one_epoch(run: Run, epoch: int, bar: Progress) -> float:
 
 
 def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[str, Any]:
-    """The epoch's log record: loss, rounds, bytes, wall, memory (reduced over ranks for display)."""
-    return dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(train_loss) / run.world,
-                round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
-                memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
+    """The epoch's log record: loss, rounds, bytes, wall, memory (reduced over ranks for display).
+
+    ``bytes``: what the engines accounted, summed over ranks; ``wire_bytes`` (when the ranks talk
+    over a named NIC, ``GLOO_SOCKET_IFNAME``): what those NICs sent since training began, headers,
+    acknowledgements and this loop's own monitoring reductions included."""
+    record = dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(train_loss) / run.world,
+                  round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
+                  memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
+    wire = nic_tx_bytes() - run.nic_tx_start if run.nic_tx_start is not None else 0
+    wire, named = _sum_over_ranks(wire), _max_over_ranks(run.nic_tx_start is not None)  # collective on every rank
+    if named:
+        record["wire_bytes"] = wire
+    return record
 
 
 def evaluate_global_model(run: Run, epoch: int) -> dict[str, Any]:

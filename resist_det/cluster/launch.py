@@ -1,0 +1,116 @@
+"""Run one training job across the emulated machines, through torchrun's multi-node rendezvous.
+
+Each node runs ``python -m torch.distributed.run --nnodes N --node_rank i --master_addr <node 0>``
+inside its namespace with ``GLOO_SOCKET_IFNAME`` set to its shaped NIC, exactly as on real
+machines.  Node 0's output is streamed; the others go to ``node<i>.log``.  When one node fails the
+others are stopped; whatever happens, the network is torn down before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .network import NIC, ClusterError, EmulatedNetwork
+
+__all__ = ["ClusterRun", "run_on_cluster", "training_command"]
+
+MASTER_PORT = 29400
+
+
+@dataclass
+class ClusterRun:
+    """What a cluster run did: exit code, wall time, and every NIC's counters over the run."""
+
+    returncode: int
+    wall: float
+    rates: list[float]
+    nics: list[dict[str, int]] = field(default_factory=list)  # per node: tx/rx bytes and packets during the run
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes all NICs sent (headers, acknowledgements and retransmissions included)."""
+        return sum(n["tx_bytes"] for n in self.nics)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "wire_bytes": self.wire_bytes}
+
+
+def training_command(target: str, args: list[str]) -> list[str]:
+    """What torchrun starts on each rank: a recipe (file or shipped name) or a Python script."""
+    if target.endswith(".py"):
+        if not Path(target).is_file():
+            raise ClusterError(f"script not found: {target}")
+        return [str(Path(target).resolve()), *args]
+    from ..train.launch import recipe_path
+
+    try:
+        path = recipe_path(target)
+    except FileNotFoundError as e:
+        raise ClusterError(str(e)) from None
+    return ["-m", "resist_det.train", str(path.resolve()), *args]
+
+
+def _stream(pipe, sink, log) -> None:
+    for line in iter(pipe.readline, ""):
+        log.write(line)
+        log.flush()
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+
+
+def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: int = 1, log_dir: str | Path,
+                   env: dict[str, str] | None = None, stream: bool = True) -> ClusterRun:
+    """Start ``command`` (see :func:`training_command`) on every node of ``net``; wait for all.
+
+    A node that fails stops the others; an interrupt stops all of them (the caller's ``with`` on
+    ``net`` then removes the network).  Returns exit code, wall time and NIC counters."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // (net.nodes * nproc_per_node))
+    node_env = {"GLOO_SOCKET_IFNAME": NIC, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}  # no internet inside the namespaces
+    procs, pumps, logs = [], [], []
+    before = net.counters()
+    start = time.monotonic()
+    try:
+        for i in range(net.nodes):
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(net.nodes), "--node_rank", str(i),
+                    "--nproc_per_node", str(nproc_per_node), "--master_addr", net.address(0),
+                    "--master_port", str(MASTER_PORT), *command]
+            log = open(log_dir / f"node{i}.log", "w")
+            logs.append(log)
+            p = subprocess.Popen(net.command(i, argv, node_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True)
+            procs.append(p)
+            t = threading.Thread(target=_stream, args=(p.stdout, sys.stdout if (i == 0 and stream) else None, log), daemon=True)
+            t.start()
+            pumps.append(t)
+        while True:
+            codes = [p.poll() for p in procs]  # every node polled: a failure anywhere ends the run
+            if None not in codes or any(c for c in codes if c is not None):
+                break
+            time.sleep(0.2)
+        code = next((c for c in codes if c), 0)
+        wall = time.monotonic() - start
+        after = net.counters()
+    finally:
+        net.kill_processes()  # a failed or interrupted run leaves nothing running
+        for t in pumps:
+            t.join(timeout=5)
+        for log in logs:
+            log.close()
+    nics = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
+    run = ClusterRun(code, wall, net.rates, nics, [str(log_dir / f"node{i}.log") for i in range(net.nodes)])
+    tmp = log_dir / "cluster.json.tmp"
+    tmp.write_text(json.dumps(run.to_json(), indent=1))
+    os.replace(tmp, log_dir / "cluster.json")
+    return run

@@ -1,0 +1,135 @@
+"""The emulated cluster: real multi-node runs over shaped NICs, wire bytes against accounted
+bytes, and nothing left behind after success, failure or an interrupt.  Needs root (CI is)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from helpers import write_idx
+from resist_det.cli import app
+from resist_det.cluster import ClusterError, check_privileges, leftovers, parse_rate, run_cluster
+
+try:
+    check_privileges()
+    NO_NETWORK = ""
+except ClusterError as e:
+    NO_NETWORK = str(e)
+needs_network = pytest.mark.skipif(bool(NO_NETWORK), reason=NO_NETWORK)
+
+WIRE_TOLERANCE = 0.03  # TCP/IP headers, acknowledgements and barriers: wire bytes <= accounted x 1.03
+CLI = [sys.executable, "-m", "resist_det.cli"]
+
+
+def _running(marker: str) -> list[int]:
+    """PIDs whose command line mentions ``marker``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_rates_parse_like_tc():
+    assert parse_rate("100mbit") == 1e8 and parse_rate("1gbit") == 1e9 and parse_rate("10mbps") == 8e7
+    with pytest.raises(ClusterError, match="tc's units"):
+        parse_rate("100mb")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rate", "100megabit"], "link rate '100megabit'"),
+    (["--nodes", "0"], "--nodes must be at least 1"),
+    (["--nodes", "3", "--rate-per-node", "10mbit,20mbit"], "2 rates given for 3 nodes"),
+])
+def test_bad_input_is_refused_before_anything_is_created(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["cluster", "demo_shapes", *args, "--logs", str(tmp_path)])
+    assert res.exit_code == 1 and message in res.output, res.output
+    assert not list(tmp_path.iterdir())
+    if not NO_NETWORK:
+        assert leftovers() == []
+
+
+def test_without_root_one_line_and_nonzero(tmp_path):
+    cmd = [*CLI, "cluster", "demo_shapes", "--logs", str(tmp_path / "logs")]
+    if os.geteuid() == 0:  # drop to nobody, without capabilities
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all", *cmd]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 1 and len(errors) == 1 and "root" in errors[0], res.stderr
+
+
+@needs_network
+def test_engine_bytes_agree_with_wire_bytes(tmp_path):
+    script = Path(__file__).with_name("cluster_modes.py")
+    run = run_cluster(str(script), [str(tmp_path / "modes.json")], nodes=2, rates=[1e9] * 2, log_dir=tmp_path / "logs", stream=False)
+    assert run.returncode == 0, Path(run.logs[0]).read_text()[-3000:]
+    res = json.loads((tmp_path / "modes.json").read_text())
+    for mode, r in res.items():
+        assert r["accounted"] > 1e6, (mode, r)
+        assert r["accounted"] <= r["wire"] <= r["accounted"] * (1 + WIRE_TOLERANCE), (mode, r)
+    assert res["resist"]["accounted"] < res["local_sgd"]["accounted"] < res["ddp"]["accounted"]
+    assert run.wire_bytes >= sum(r["wire"] for r in res.values())  # the run's NIC counters hold all of it
+    assert leftovers() == []
+
+
+@needs_network
+def test_two_machines_train_like_two_local_ranks(tmp_path):
+    from resist_det.train.launch import launch
+
+    write_idx(tmp_path / "fmnist")
+    recipe = {
+        "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
+                      "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}},
+        "resist": {"mode": "resist", "local_steps": 3, "min_blocks": 2},
+        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
+        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
+        "train": {"epochs": 2, "output_dir": str(tmp_path / "local")},
+    }
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    assert launch(tmp_path / "recipe.json", nproc=2, progress=False) == 0
+    run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress", "--set", f'train.output_dir="{tmp_path / "cluster"}"'],
+                      nodes=2, rates=[1e8] * 2, log_dir=tmp_path / "logs", stream=False)
+    assert run.returncode == 0, Path(run.logs[0]).read_text()[-3000:]
+    local, cluster = (torch.load(tmp_path / d / "global_model.pt", weights_only=True)["model"] for d in ("local", "cluster"))
+    assert local.keys() == cluster.keys() and all(torch.equal(local[k], cluster[k]) for k in local)
+    epochs = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in epochs if r["event"] == "epoch"][-1]
+    assert last["bytes"] <= last["wire_bytes"] <= last["bytes"] * (1 + WIRE_TOLERANCE) + 20_000, last  # + monitoring reductions
+    assert leftovers() == []
+
+
+@needs_network
+def test_failing_node_stops_the_others_and_cleans_up(tmp_path):
+    script = tmp_path / "fail_on_node1.py"
+    script.write_text("import os, sys, time\nif os.environ['GROUP_RANK'] == '1':\n    time.sleep(2); sys.exit(3)\ntime.sleep(600)\n")
+    t = time.monotonic()
+    run = run_cluster(str(script), [], nodes=2, rates=[1e8] * 2, log_dir=tmp_path / "logs", stream=False)
+    assert run.returncode != 0 and time.monotonic() - t < 120
+    assert leftovers() == [] and _running(str(script)) == []
+
+
+@needs_network
+def test_interrupt_removes_everything(tmp_path):
+    script = tmp_path / "sleep_forever.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    proc = subprocess.Popen([*CLI, "cluster", str(script), "--nodes", "3", "--logs", str(tmp_path / "logs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(_running(str(script))) < 3 * 2 and time.monotonic() < deadline:  # torchrun agent + worker per node
+        time.sleep(0.5)
+    assert leftovers() != []
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopped and removed" in err, err
+    assert leftovers() == [] and _running(str(script)) == []
