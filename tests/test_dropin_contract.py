@@ -120,7 +120,8 @@ def _state_at_sync(rank, world, log_dir):
 
     out = {}
     adam = {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}
-    for name, optimizer, momentum in (("sgd_auto", None, "auto"), ("adam_auto", adam, "auto"), ("adam_restart", adam, "restart")):
+    runs = (("sgd_auto", None, "auto"), ("adam_auto", adam, "auto"), ("adam_keep", adam, "keep"), ("adam_restart", adam, "restart"))
+    for name, optimizer, momentum in runs:
         cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=2, min_blocks=MIN_BLOCKS, momentum=momentum)
         if optimizer:
             cfg["optimizer"] = optimizer
@@ -142,6 +143,7 @@ def _state_at_sync(rank, world, log_dir):
             # per slot: (the block changed at the sync, its parameters have optimizer state)
             slots=[(a != b, all(p in opt.state for p in s.parameters()))
                    for a, b, s in zip(before, engine.section.slot_blocks, engine.section.slots)],
+            shared_exp_avg=[opt.state[p]["exp_avg"].clone() for p in shared if p in opt.state] if optimizer else [],
         )
     return out
 
@@ -152,11 +154,16 @@ def test_optimizer_state_by_kind_and_monitor(tmp_path):
     res = run_on_ranks(_state_at_sync, 2, tmp_path, str(tmp_path / "monitor"))
     for rank, r in enumerate(res):
         assert r["sgd_auto"]["empty"] and r["adam_restart"]["empty"]  # SGD: the paper's momentum restart
-        # Adam with auto: moments kept for everything that stayed, fresh for blocks that arrived.
-        assert r["adam_auto"]["shared_with_state"]
-        assert all(has_state == (not changed) for changed, has_state in r["adam_auto"]["slots"])
+        # Adam with keep: moments kept for everything that stayed, fresh for blocks that arrived.
+        assert r["adam_keep"]["shared_with_state"]
+        assert all(has_state == (not changed) for changed, has_state in r["adam_keep"]["slots"])
+        # Adam with auto (= average): every parameter has moments, arrived blocks included, and the
+        # shared layers' moments are the same on every rank.
+        assert r["adam_auto"]["shared_with_state"] and all(has_state for _, has_state in r["adam_auto"]["slots"])
+        assert all(torch.equal(a, b) for a, b in zip(r["adam_auto"]["shared_exp_avg"], res[0]["adam_auto"]["shared_exp_avg"]))
         assert r["adam_restart_warned"] == (rank == 0) and not r["adam_auto_warned"] and not r["sgd_auto_warned"]
-    assert any(changed for r in res for changed, _ in r["adam_auto"]["slots"])  # the check above saw an arrival
+    assert any(changed for r in res for changed, _ in r["adam_keep"]["slots"])  # the check above saw an arrival
+    assert len(res[0]["adam_auto"]["shared_exp_avg"]) > 0
     rows = list(csv.reader(open(tmp_path / "monitor" / "resist" / "ResIST_bytes_sent_round.csv")))
     assert rows[0] == ["step", "bytes_sent_round"] and len(rows) == 2 and int(rows[1][1]) > 0
     assert (tmp_path / "monitor" / "resist" / "ResIST_sync_seconds.csv").is_file()

@@ -96,7 +96,7 @@ def initialize(
     if rc.momentum == "restart" and strategy.has_rounds and adaptive_optimizer(engine.optimizer) and dist.get_rank() == 0:
         warnings.warn(
             f"resist.momentum 'restart' with {type(engine.optimizer).__name__}: every round wipes the optimizer's moment "
-            "estimates, which slows an Adam-family optimizer badly; use 'auto' or 'keep'", stacklevel=2)
+            "estimates, which slows an Adam-family optimizer badly; use 'auto' (average) or 'keep'", stacklevel=2)
     return ResISTEngine(engine, rc, strategy, grad_clip=grad_clip), optimizer, loader, scheduler
 
 

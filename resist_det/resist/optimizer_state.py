@@ -5,8 +5,13 @@
   from another rank starts with fresh state.
 * ``average``: per-parameter moments (SGD's momentum buffer, Adam's ``exp_avg`` and
   ``exp_avg_sq``) are averaged and routed with the weights they belong to.
-* ``auto``: ``restart`` for SGD, ``keep`` for Adam-family optimizers, whose moment estimates a
-  restart every few steps wipes (Adam then barely learns).
+* ``auto``: ``restart`` for SGD (the paper), ``average`` for Adam-family optimizers, whose moment
+  estimates a restart every few steps wipes (Adam then barely learns).  Measured with Adam
+  (``benchmarks/results/adam_state.txt``, ``deepspeed_example.txt``): on Fashion-MNIST
+  ``average`` and ``keep`` tie (86.55 / 86.46 %, restart 85.76 %); on DeepSpeed's CIFAR example
+  with 5 local steps ``average`` reaches 71.25 % where ``keep`` reaches 65.60 % (data parallel
+  70.55 %).  ``average`` sends the moments with the weights (Adam: about 3x the bytes of a
+  round); ``keep`` sends nothing extra.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def policy(momentum: str, optimizer: Any) -> str:
     """The rule ``momentum`` stands for with this optimizer (``auto`` resolved)."""
     if momentum != "auto":
         return momentum
-    return "keep" if adaptive_optimizer(optimizer) else "restart"
+    return "average" if adaptive_optimizer(optimizer) else "restart"
 
 
 def moments(optimizer: Any, params: list[nn.Parameter]) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .adapters import fold_branch_scale, set_branch_scale
 from .config import ResISTConfig
-from .optimizer_state import moments, reset_state
+from .optimizer_state import moments, policy, reset_state
 from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
 from .sync import average_tensors, block_tensors, gather_blocks, route_blocks
@@ -96,7 +96,7 @@ class Strategy:
 
     def _with_state(self, tensors: list[torch.Tensor], params: list[nn.Parameter]) -> list[torch.Tensor]:
         """``tensors`` plus the optimizer moments of ``params`` when they travel with the weights."""
-        return tensors + (moments(self.optimizer, params) if self.config.momentum == "average" else [])
+        return tensors + (moments(self.optimizer, params) if policy(self.config.momentum, self.optimizer) == "average" else [])
 
     def _reset_optimizer_state(self, arrived: list[nn.Module]) -> None:
         reset_state(self.optimizer, self.config.momentum, [p for m in arrived for p in m.parameters()])
