@@ -123,16 +123,28 @@ def plan(
     min_blocks: Annotated[int, typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet.")] = 5,
     seed: Annotated[int, typer.Option(help="Plan seed.")] = 0,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to show.")] = 3,
+    rate: Annotated[Optional[str], typer.Option(help="Link rate per machine (tc units, e.g. 100mbit): predict seconds on the wire per round.")] = None,
+    local_steps: Annotated[int, typer.Option(min=1, help="Local steps per round (with --rate: DDP's traffic over the same steps).")] = 50,
 ) -> None:
-    """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round."""
+    """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round
+    (with --rate: predicted seconds per round for ResIST, local SGD and DDP)."""
     from rich.console import Console
     from rich.table import Table
 
     from .models.zoo import build_named_model
     from .resist.accounting import plan_report
 
+    from .resist.accounting import link_seconds
+
     try:
-        rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed, rounds=rounds)
+        if rate is not None:
+            from .cluster.network import ClusterError, parse_rate
+
+            try:
+                rate_bits = parse_rate(rate)
+            except ClusterError as e:
+                raise ValueError(f"--rate: {e}") from None
+        rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed, rounds=max(rounds, 2))
     except (ValueError, KeyError, TypeError) as e:
         raise _fail(str(e)) from None
     console = Console(width=max(100, Console().width))
@@ -144,7 +156,7 @@ def plan(
                   f"residual scale of the global network {rep['scale']:.4f}")
     if rep["degenerate"]:
         console.print(f"[bold yellow]warning:[/] {rep['degenerate']}")
-    for r in rep["rounds"]:
+    for r in rep["rounds"][:rounds]:
         table = Table(title=f"round {r['round']}")
         table.add_column("rank", justify="right")
         table.add_column("blocks held")
@@ -154,6 +166,16 @@ def plan(
         if r["bytes"] is not None:
             console.print(f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
                           f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f})")
+    if rate is not None:
+        t = link_seconds(rep, rate_bits)
+        table = Table(title=f"predicted seconds on a {rate} link per machine, one round of {local_steps} local steps (no latency or headers)")
+        for col in ("mode", "bytes sent per rank", "seconds per round"):
+            table.add_column(col, justify="left" if col == "mode" else "right")
+        mean_rank = t["resist_round"] * rate_bits / 8
+        table.add_row("resist", f"{mean_rank / 2**20:.2f} MiB", f"{t['resist_round']:.2f}")
+        table.add_row("local_sgd", f"{rep['local_sgd_rank_bytes'] / 2**20:.2f} MiB", f"{t['local_sgd_round']:.2f}")
+        table.add_row("ddp", f"{local_steps * rep['ddp_rank_bytes_per_step'] / 2**20:.2f} MiB", f"{local_steps * t['ddp_step']:.2f}")
+        console.print(table)
 
 
 @data_app.command("shapes")
@@ -193,6 +215,7 @@ def cluster(
     rate_per_node: Annotated[Optional[str], typer.Option(help="Comma-separated rates, one per machine (overrides --rate).")] = None,
     nproc_per_node: Annotated[int, typer.Option(min=1, help="Ranks per machine.")] = 1,
     logs: Annotated[Path, typer.Option(help="Where node<i>.log and cluster.json (NIC bytes) go.")] = Path("runs/cluster"),
+    timeout: Annotated[Optional[float], typer.Option(min=1, help="Stop every node after this many seconds (exit code 124).")] = None,
 ) -> None:
     """Run a recipe or script on N emulated machines (network namespaces, shaped NICs, one switch)
     through torchrun's multi-node rendezvous; prints every NIC's bytes; removes everything after.
@@ -212,7 +235,7 @@ def cluster(
 
             sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
             check_data(load_recipe(recipe_path(target), parse_overrides(sets)))
-        run = run_cluster(target, args, nodes=nodes, rates=rates, log_dir=logs, nproc_per_node=nproc_per_node)
+        run = run_cluster(target, args, nodes=nodes, rates=rates, log_dir=logs, nproc_per_node=nproc_per_node, timeout=timeout)
     except (ClusterError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:

@@ -133,3 +133,24 @@ def test_interrupt_removes_everything(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopped and removed" in err, err
     assert leftovers() == [] and _running(str(script)) == []
+
+
+def test_plan_predicts_wire_seconds_by_hand():
+    from resist_det.models.zoo import build_named_model
+    from resist_det.resist.accounting import link_seconds, plan_report, split_sizes
+    from resist_det.resist.plan import iter_plans, p2p_sends
+
+    net = build_named_model("preact-resnet101")
+    sizes, S = split_sizes(net), 4
+    rep = plan_report(net, S, min_blocks=5, rounds=3)
+    t = link_seconds(rep, 1e8)
+    ring = 2 * (S - 1) / S * 4  # bytes each rank sends per element all-reduced
+    assert t["local_sgd_round"] == pytest.approx(ring * sizes["total"] * 8 / 1e8)
+    assert t["ddp_step"] == pytest.approx(ring * sizes["total_params"] * 8 / 1e8)
+    plans = [p for _, p in zip(range(3), iter_plans(0, S, sizes["num_blocks"], 5))]
+    busiest = [max(ring * sizes["shared"] + n * sizes["block"] * 4 for n in p2p_sends(a, b)) for a, b in zip(plans, plans[1:])]
+    assert t["resist_round"] == pytest.approx(sum(busiest) / len(busiest) * 8 / 1e8)
+    res = CliRunner().invoke(app, ["plan", "-S", "4", "--model", "preact-resnet101", "--rate", "100mbit", "--local-steps", "10", "--rounds", "1"])
+    assert res.exit_code == 0 and f"{t['local_sgd_round']:.2f}" in res.output and f"{10 * t['ddp_step']:.2f}" in res.output
+    bad = CliRunner().invoke(app, ["plan", "--rate", "fast"])
+    assert bad.exit_code == 1 and "--rate" in bad.output

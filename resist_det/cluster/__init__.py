@@ -43,9 +43,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_cluster(target: str, args: list[str], *, nodes: int, rates: list[float], log_dir: str | Path,
-                nproc_per_node: int = 1, stream: bool = True, env: dict[str, str] | None = None) -> ClusterRun:
+                nproc_per_node: int = 1, stream: bool = True, env: dict[str, str] | None = None,
+                timeout: float | None = None) -> ClusterRun:
     """Build the network, run ``target`` (recipe or script) on every node, remove the network."""
     check_privileges()
     command = training_command(target, args)
     with _sigterm_as_interrupt(), EmulatedNetwork(nodes, rates) as net:
-        return run_on_cluster(net, command, nproc_per_node=nproc_per_node, log_dir=log_dir, stream=stream, env=env)
+        return run_on_cluster(net, command, nproc_per_node=nproc_per_node, log_dir=log_dir, stream=stream, env=env,
+                              timeout=timeout)

@@ -68,11 +68,12 @@ def _stream(pipe, sink, log) -> None:
 
 
 def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: int = 1, log_dir: str | Path,
-                   env: dict[str, str] | None = None, stream: bool = True) -> ClusterRun:
+                   env: dict[str, str] | None = None, stream: bool = True, timeout: float | None = None) -> ClusterRun:
     """Start ``command`` (see :func:`training_command`) on every node of ``net``; wait for all.
 
     A node that fails stops the others; an interrupt stops all of them (the caller's ``with`` on
-    ``net`` then removes the network).  Returns exit code, wall time and NIC counters."""
+    ``net`` then removes the network); after ``timeout`` seconds all are stopped and the exit
+    code is 124.  Returns exit code, wall time and NIC counters."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // (net.nodes * nproc_per_node))
@@ -97,6 +98,9 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
         while True:
             codes = [p.poll() for p in procs]  # every node polled: a failure anywhere ends the run
             if None not in codes or any(c for c in codes if c is not None):
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                codes = [124]
                 break
             time.sleep(0.2)
         code = next((c for c in codes if c), 0)

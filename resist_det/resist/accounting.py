@@ -16,7 +16,7 @@ from torch import nn
 from .partition import partitionable_blocks
 from .plan import blocks_per_worker, degenerate_plan, inclusion_probability, iter_plans, p2p_sends
 
-__all__ = ["split_sizes", "plan_report"]
+__all__ = ["split_sizes", "plan_report", "link_seconds"]
 
 
 def _tensor_elems(module: nn.Module) -> int:
@@ -44,15 +44,17 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
     n = sizes["num_blocks"]
     k = blocks_per_worker(workers, n, min(min_blocks, n))
     s = workers
-    allreduce = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem * s  # noqa: E731  (summed over ranks)
+    per_rank = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
+    allreduce = lambda elems: per_rank(elems) * s  # noqa: E731  (summed over ranks)
     plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
     out_rounds = []
     for t, p in enumerate(plans[:rounds]):
-        moved = sum(p2p_sends(plans[t - 1], p)) if t > 0 else None
+        sends = p2p_sends(plans[t - 1], p) if t > 0 else None
         out_rounds.append({
             "round": t,
             "groups": p.groups,
-            "bytes": None if moved is None else allreduce(sizes["shared"]) + moved * sizes["block"] * bytes_per_elem,
+            "bytes": None if sends is None else allreduce(sizes["shared"]) + sum(sends) * sizes["block"] * bytes_per_elem,
+            "rank_bytes": None if sends is None else [per_rank(sizes["shared"]) + n * sizes["block"] * bytes_per_elem for n in sends],
         })
     full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)(layer\d+|encoder\.layers)$", name)) or None
     return {
@@ -66,6 +68,21 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         "full_depth": full_depth,
         "scale": inclusion_probability(s, n, min(min_blocks, n)),
         "local_sgd_bytes": allreduce(sizes["total"]),
+        "local_sgd_rank_bytes": per_rank(sizes["total"]),
+        "ddp_rank_bytes_per_step": per_rank(sizes["total_params"]),  # DeepSpeed all-reduces gradients every step
         "degenerate": degenerate_plan(s, n, min(min_blocks, n)),
         "rounds": out_rounds,
     }
+
+
+def link_seconds(report: dict[str, Any], rate_bits: float) -> dict[str, float]:
+    """Predicted seconds on the wire when every rank's NIC sends at ``rate_bits`` per second.
+
+    A sync lasts as long as its busiest sender needs: ring all-reduce ranks all send the same
+    share in parallel; point-to-point block routing is bounded by the rank that sends most.
+    ResIST is the mean over the reported rounds after the first; DDP is per step (gradients).
+    Latency and protocol overhead are ignored (a lower bound)."""
+    rounds = [max(r["rank_bytes"]) for r in report["rounds"] if r["rank_bytes"]]
+    resist = sum(rounds) / len(rounds) if rounds else float("nan")
+    return {"resist_round": resist * 8 / rate_bits, "local_sgd_round": report["local_sgd_rank_bytes"] * 8 / rate_bits,
+            "ddp_step": report["ddp_rank_bytes_per_step"] * 8 / rate_bits}

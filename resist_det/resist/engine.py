@@ -38,7 +38,7 @@ class ResISTEngine:
     """Wraps a ``DeepSpeedEngine``.  Built by :func:`resist_det.initialize`, not directly."""
 
     #: Attributes that live on this wrapper; everything else is forwarded to DeepSpeed's engine.
-    OWN = frozenset({"deepspeed_engine", "config", "schedule", "strategy", "grad_clip", "rank", "world_size", "bytes_sent"})
+    OWN = frozenset({"deepspeed_engine", "config", "schedule", "strategy", "grad_clip", "rank", "world_size", "bytes_sent", "sync_seconds"})
 
     def __init__(self, deepspeed_engine: Any, config: ResISTConfig, strategy: Strategy, *, grad_clip: float = 0.0) -> None:
         self.deepspeed_engine = deepspeed_engine
@@ -50,6 +50,7 @@ class ResISTEngine:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.bytes_sent = 0  # by this rank, all rounds (costing of resist_det.resist.sync)
+        self.sync_seconds = 0.0  # wall time this rank spent in syncs (communication and the copies around it)
 
     # ---- forwarding: symmetric, explicit ------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -157,6 +158,7 @@ class ResISTEngine:
         seconds = time.perf_counter() - start
         self.schedule.end_round()
         self.bytes_sent += sent
+        self.sync_seconds += seconds
         self._monitor_round(sent, seconds)
         return sent
 

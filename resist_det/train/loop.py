@@ -211,6 +211,7 @@ def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[s
     acknowledgements and this loop's own monitoring reductions included."""
     record = dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(train_loss) / run.world,
                   round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
+                  sync_seconds=_max_over_ranks(run.engine.sync_seconds),
                   memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
     wire = nic_tx_bytes() - run.nic_tx_start if run.nic_tx_start is not None else 0
     wire, named = _sum_over_ranks(wire), _max_over_ranks(run.nic_tx_start is not None)  # collective on every rank

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Time to accuracy on emulated machines over bandwidth-limited links (needs root).
+
+    python benchmarks/bench_cluster.py [--nodes 4] [--rates 2mbit,20mbit,1gbit] [--seeds 0,1]
+        [--target 0.85] [--epochs 5] [--record benchmarks/results/cluster.txt]
+
+Real data (Fashion-MNIST, ``apt-get install dataset-fashion-mnist``), ``--nodes`` emulated
+machines (one network namespace and one tbf-shaped NIC each, ``resist-det cluster``), one rank
+per machine, the same recipe for every mode: ResIST, local SGD and DeepSpeed data parallel.  The
+network is a pre-activation ResNet whose section 3 has 23 blocks (22 partitioned, as in the
+paper's ResNet101) and carries most of the parameters.  For each link rate and mode: time to
+reach ``--target`` test accuracy (training wall time at the end of the first epoch whose global
+model reaches it; evaluation excluded, as in the paper's timings), final accuracy, wall time,
+accounted and wire bytes, and the measured sync seconds per round beside ``resist-det plan``'s
+prediction.  Data parallel is stopped after ``--ddp-cap`` x ResIST's time to target at the same
+rate; when stopped, its time to target is reported as a lower bound.  Writes a PNG (accuracy
+against wall time per rate, speedup against link rate) next to ``--record``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from resist_det.cluster import ClusterError, check_privileges, node_rates, parse_rate, run_cluster
+
+RECIPE = "fashion_mnist_resist"
+PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total time) 3.58-3.81x; "
+         "Table 6 (Pascal VOC, 2-4 machines) 1.49-1.64x; Table 5 (ImageNet, time to accuracy) 1.02-1.25x")
+
+
+def overrides(args, mode: str, seed: int, out: Path) -> dict:
+    return {
+        "resist.mode": mode, "resist.local_steps": args.local_steps, "resist.min_blocks": 5, "resist.seed": seed,
+        "model.layers": [1, 1, 23, 1], "model.base_width": 8, "model.seed": seed,
+        "deepspeed.train_micro_batch_size_per_gpu": args.batch,
+        "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps_per_epoch, "train.lr_schedule": {},
+        "train.seed": seed, "train.eval_every": 1, "train.checkpoint_every": 10**6, "train.log_every": 5,
+        "train.output_dir": str(out), "data.limit_test": args.limit_test,
+    }
+
+
+def read_run(out: Path) -> dict:
+    """Epoch records, and how far training got (seconds, evaluation excluded) by its last log line."""
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").is_file() else []
+    epochs = [r for r in log if r["event"] == "epoch"]
+    start = next((r["time"] for r in log if r["event"] == "start"), None)
+    trained = (log[-1]["time"] - start - sum(r.get("eval_seconds", 0.0) for r in epochs)) if log and start else 0.0
+    return {"epochs": epochs, "trained_seconds": max(trained, epochs[-1]["wall"] if epochs else 0.0)}
+
+
+def time_to_target(run: dict, target: float) -> tuple[float, bool]:
+    """(seconds, reached): the wall of the first epoch at ``target``, else a lower bound."""
+    for r in run["epochs"]:
+        if r.get("metrics", {}).get("accuracy", 0.0) >= target:
+            return r["wall"], True
+    return run["trained_seconds"], False
+
+
+def predicted(args) -> dict:
+    """``resist-det plan``'s wire seconds per round (and per DDP step) at each rate, for this network."""
+    from resist_det.models import preact_resnet
+    from resist_det.resist.accounting import link_seconds, plan_report
+
+    net = preact_resnet(layers=[1, 1, 23, 1], num_classes=10, stem="cifar", base_width=8, device="meta")
+    rep = plan_report(net, args.nodes, min_blocks=5, rounds=20)
+    return {rate: link_seconds(rep, parse_rate(rate)) for rate in args.rates}
+
+
+def plot(results: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.rates) + 1, figsize=(4.2 * (len(args.rates) + 1), 3.6))
+    colours = {"resist": "tab:red", "local_sgd": "tab:blue", "ddp": "tab:gray"}
+    for ax, rate in zip(axes, args.rates):
+        for (r, mode, seed), run in results.items():
+            if r != rate:
+                continue
+            xs = [e["wall"] for e in run["epochs"]]
+            ys = [100 * e.get("metrics", {}).get("accuracy", math.nan) for e in run["epochs"]]
+            ax.plot(xs, ys, "o-", color=colours[mode], label=mode if seed == args.seeds[0] else None, alpha=0.8)
+        ax.axhline(100 * args.target, ls="--", color="k", lw=0.8)
+        ax.set(title=f"{rate} per machine", xlabel="training wall (s)", ylabel="test accuracy (%)")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    bits = [parse_rate(r) / 1e6 for r in args.rates]
+    for base, style in (("local_sgd", "o-"), ("ddp", "s--")):
+        ratios = []
+        for rate in args.rates:
+            t_res = _mean([time_to_target(results[(rate, "resist", s)], args.target)[0] for s in args.seeds if (rate, "resist", s) in results])
+            t_base = _mean([time_to_target(results[(rate, base, s)], args.target)[0] for s in args.seeds if (rate, base, s) in results])
+            ratios.append(t_base / t_res if t_res and t_base else math.nan)
+        ax.plot(bits, ratios, style, label=f"ResIST speedup over {base}")
+    ax.set(xscale="log", xlabel="link rate (Mbit/s)", ylabel="speedup in time to target", title="speedup")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--rates", default="2mbit,20mbit,1gbit", help="comma-separated, lowest first (tc units)")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--ddp-seeds", default="0", help="seeds for data parallel (it is the slow one)")
+    ap.add_argument("--modes", default="resist,local_sgd,ddp")
+    ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--steps-per-epoch", type=int, default=60)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--limit-test", type=int, default=5000)
+    ap.add_argument("--ddp-cap", type=float, default=6.0, help="stop DDP after this many times ResIST's time to target")
+    ap.add_argument("--out", default="runs/bench_cluster")
+    ap.add_argument("--record", type=Path, default=None)
+    args = ap.parse_args()
+    args.rates = args.rates.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    ddp_seeds = [int(s) for s in args.ddp_seeds.split(",")]
+    modes = args.modes.split(",")
+    try:
+        check_privileges()
+        for r in args.rates:
+            node_rates(args.nodes, r)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from resist_det.train.launch import recipe_path
+
+    recipe = str(recipe_path(RECIPE))
+    results: dict = {}
+    t_all = time.monotonic()
+    for rate in args.rates:
+        for seed in args.seeds:
+            for mode in modes:
+                if mode == "ddp" and seed not in ddp_seeds:
+                    continue
+                out = Path(args.out) / rate / f"{mode}_s{seed}"
+                timeout = None
+                if mode == "ddp" and (rate, "resist", seed) in results:
+                    t_res, _ = time_to_target(results[(rate, "resist", seed)], args.target)
+                    timeout = args.ddp_cap * t_res + 60  # + start-up and evaluations
+                sets = [a for k, v in overrides(args, mode, seed, out).items() for a in ("--set", f"{k}={json.dumps(v)}")]
+                print(f"== {rate}, {mode}, seed {seed}" + (f" (stopped after {timeout:.0f} s)" if timeout else ""), flush=True)
+                run = run_cluster(recipe, [*sets, "--no-progress"], nodes=args.nodes, rates=node_rates(args.nodes, rate),
+                                  log_dir=out / "cluster", stream=False, timeout=timeout)
+                if run.returncode not in (0, 124):
+                    print(Path(run.logs[0]).read_text()[-3000:], file=sys.stderr)
+                    print(f"training failed: {rate} {mode} seed {seed}", file=sys.stderr)
+                    return 1
+                res = read_run(out)
+                res.update(stopped=run.returncode == 124, nic_wire=run.wire_bytes)
+                results[(rate, mode, seed)] = res
+                for e in res["epochs"]:
+                    print(f"  epoch {e['epoch'] + 1}  wall {e['wall']:7.1f}s  acc {100 * e.get('metrics', {}).get('accuracy', math.nan):5.2f}%  "
+                          f"rounds {e['round']}  accounted {e['bytes'] / 2**20:7.1f} MiB  wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
+    pred = predicted(args)
+    lines = [f"Fashion-MNIST, {args.nodes} emulated machines (1 rank each, tbf-shaped NICs), preact ResNet [1,1,23,1] width 8, "
+             f"batch {args.batch}/rank, {args.local_steps} local steps, {args.steps_per_epoch} steps/epoch, {args.epochs} epochs, "
+             f"test set first {args.limit_test} images, target {100 * args.target:.1f}%  (total {time.monotonic() - t_all:.0f} s)",
+             "rate      mode       seed  t->target(s)  final acc  wall (s)  accounted MiB  wire MiB  wire/acc  sync s/round  plan s/round"]
+    worst_wire = 0.0
+    for (rate, mode, seed), r in results.items():
+        last = r["epochs"][-1] if r["epochs"] else {}
+        t, reached = time_to_target(r, args.target)
+        acc = 100 * last.get("metrics", {}).get("accuracy", math.nan)
+        wire, acct = last.get("wire_bytes", math.nan), last.get("bytes", math.nan)
+        ratio = wire / acct if acct else math.nan
+        if not math.isnan(ratio):
+            worst_wire = max(worst_wire, abs(ratio - 1))
+        sync = last.get("sync_seconds", math.nan) / last["round"] if last.get("round") else math.nan
+        plan_s = pred[rate][f"{mode}_round"] if mode != "ddp" else pred[rate]["ddp_step"] * args.local_steps
+        lines.append(f"{rate:9s} {mode:10s} {seed:4d}  {('' if reached else '>') + f'{t:.1f}':>12s}  {acc:8.2f}%  "
+                     f"{last.get('wall', math.nan):8.1f}  {acct / 2**20:13.1f}  {wire / 2**20:8.1f}  {ratio:8.3f}  "
+                     f"{sync:12.2f}  {plan_s:12.2f}" + ("  (stopped)" if r["stopped"] else ""))
+    lines.append("(ddp: no sync rounds; 'plan s/round' is its gradient traffic over the same local steps)")
+    verdicts = []
+    for rate in args.rates:
+        def mean_t(mode):
+            ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
+            return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
+
+        (tr, okr), (tl, okl), (td, okd) = mean_t("resist"), mean_t("local_sgd"), mean_t("ddp")
+        accs = {m: _mean([100 * results[(rate, m, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
+                          for s in args.seeds if (rate, m, s) in results and results[(rate, m, s)]["epochs"]]) for m in modes}
+        lines.append(f"{rate}: time to {100 * args.target:.0f}%: resist {tr:.1f}s{'' if okr else ' (not reached)'}, "
+                     f"local SGD {tl:.1f}s{'' if okl else ' (not reached)'}, ddp {'' if okd else '>'}{td:.1f}s; "
+                     f"resist / local SGD {tr / tl:.3f}, resist / ddp {'' if okd else '<'}{tr / td:.3f}; "
+                     f"final acc resist {accs.get('resist', math.nan):.2f}% local SGD {accs.get('local_sgd', math.nan):.2f}% "
+                     f"ddp {accs.get('ddp', math.nan):.2f}%")
+        verdicts.append((rate, tr, tl, td, okr, okl, accs))
+    low, high = verdicts[0], verdicts[-1]
+    checks = [
+        (f"lowest rate ({low[0]}): resist <= 0.5 x local SGD's time to target", low[4] and low[5] and low[1] <= 0.5 * low[2]),
+        (f"lowest rate ({low[0]}): resist <= 0.2 x DDP's time to target", low[4] and low[1] <= 0.2 * low[3]),
+        (f"lowest rate ({low[0]}): final accuracy within 1.0 point of local SGD (mean of seeds)",
+         abs(low[6].get("local_sgd", math.nan) - low[6].get("resist", math.nan)) <= 1.0),
+        (f"highest rate ({high[0]}): resist no slower than local SGD to the target", high[4] and high[1] <= high[2]),
+        (f"wire / accounted bytes within 1.03 in every run (worst {1 + worst_wire:.3f})", worst_wire <= 0.03),
+    ]
+    lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]
+    lines.append(PAPER)
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        cmd = "$ python " + " ".join(sys.argv)
+        tmp = args.record.with_suffix(".tmp")
+        tmp.write_text(f"{cmd}\n{text}\n")
+        tmp.replace(args.record)
+        plot(results, args, args.record.with_suffix(".png"))
+        print(f"plot: {args.record.with_suffix('.png')}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
