@@ -1,13 +1,14 @@
 """Engine benchmarks on the paper's CIFAR pre-activation ResNet101 (100 classes), CPU gloo ranks.
 
-    python benchmarks/bench_engine.py bytes   [--sizes 2 4 8] [--rounds 6]
+    python benchmarks/bench_engine.py bytes   [--sizes 2 4 8] [--rounds 6] [--bits 8]
     python benchmarks/bench_engine.py memory  [--memory-size 4]
     python benchmarks/bench_engine.py compute [--batch 128] [--steps 5] [--threads 2]
     python benchmarks/bench_engine.py all     [--record benchmarks/results]
 
 * ``bytes``: bytes sent per synchronisation round, summed over ranks, ResIST vs local SGD
   (and DDP per step), from DeepSpeed's comms logger (:mod:`resist_det.resist.comm_cost`),
-  cross-checked against the engines' own ``bytes_sent`` counters.
+  cross-checked against the engines' own ``bytes_sent`` counters.  ``--bits B`` runs ResIST and
+  local SGD with ``resist.compression.bits`` B and also fp32 local SGD, the paper's baseline.
 * ``memory``: per-rank parameters + gradients + SGD-momentum state counted from tensors
   (:func:`resist_det.resist.engine.memory_footprint`), and each rank's peak RSS.
 * ``compute``: forward + backward time of one local step, sub-ResNet vs full network, in
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 
 PAPER_RATIO = {2: 0.454 / 0.662, 4: 0.720 / 1.325, 8: 1.289 / 2.649}  # Table 1: ResIST GB / local SGD GB
 TARGET_RATIO = {2: 0.52, 4: 0.46, 8: 0.48}
+TARGET_8BIT = {2: 0.13, 4: 0.12, 8: 0.12}  # ResIST with 8-bit transport / fp32 local SGD
 MEMORY_TARGET = 0.56
 COMPUTE_TARGET = 0.55
 NUM_CLASSES = 100
@@ -49,7 +51,7 @@ SEED = 0
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def _ds_config(mode: str, *, local_steps: int, batch: int, prof_all: bool = False) -> dict[str, Any]:
+def _ds_config(mode: str, *, local_steps: int, batch: int, prof_all: bool = False, bits: int = 32) -> dict[str, Any]:
     from resist_det.resist.comm_cost import with_comms_logger
 
     cfg = {
@@ -58,6 +60,8 @@ def _ds_config(mode: str, *, local_steps: int, batch: int, prof_all: bool = Fals
         "gradient_clipping": 0.0,  # no norm all-reduce in ddp; no local clipping elsewhere
         "resist": {"mode": mode, "local_steps": local_steps, "min_blocks": MIN_BLOCKS, "seed": SEED},
     }
+    if bits != 32:
+        cfg["resist"]["compression"] = {"bits": bits}
     return with_comms_logger(cfg, prof_all=prof_all)
 
 
@@ -98,17 +102,19 @@ def _mib(n: float) -> str:
 
 
 # ---- rank-side workers (run under torchrun) --------------------------------------------------
-def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
-    """Both modes, then DDP, on this rank; every rank returns the same totals."""
+def worker_bytes(rounds: int, batch: int, ddp: bool, bits: int = 32) -> dict[str, Any]:
+    """Both modes (with ``bits``; then fp32 local SGD too), then DDP, on this rank; every rank returns the same totals."""
     from resist_det.resist.comm_cost import bytes_sent, gather_comms_logs, reset_comms_log
     from resist_det import initialize
 
     rank = int(os.environ["RANK"])
     gen = torch.Generator().manual_seed(rank)
     out: dict[str, Any] = {}
-    runs = [("resist", rounds), ("local_sgd", rounds)] + ([("ddp", 1)] if ddp else [])
-    for mode, n in runs:
-        engine, *_ = initialize(model=_model(mode), config=_ds_config(mode, local_steps=1, batch=batch, prof_all=mode == "ddp"))
+    runs = [("resist", rounds, bits), ("local_sgd", rounds, bits)] + ([("local_sgd", rounds, 32)] if bits != 32 else [])
+    runs += [("ddp", 1, 32)] if ddp else []
+    for mode, n, b in runs:
+        engine, *_ = initialize(model=_model(mode), config=_ds_config(mode, local_steps=1, batch=batch, prof_all=mode == "ddp", bits=b))
+        key = mode if b == bits else f"{mode}_fp32"
         reset_comms_log()  # initialize's parameter broadcast is not training traffic
         start = engine.bytes_sent
         per_round, by_log, times = [], {}, []
@@ -123,16 +129,16 @@ def worker_bytes(rounds: int, batch: int, ddp: bool) -> dict[str, Any]:
                 by_log[k] = by_log.get(k, 0) + v
         counters = _all_gather(engine.bytes_sent - start)
         params = _all_gather(sum(p.numel() for p in engine.module.parameters()))
-        out[mode] = dict(per_round=per_round, by_log=by_log, counters=counters, params=params, step_s=times)
-        if mode == "resist":
+        out[key] = dict(per_round=per_round, by_log=by_log, counters=counters, params=params, step_s=times)
+        if key == "resist":
             from resist_det.resist.sync import block_tensors
 
             sec = engine.section
-            out[mode]["block_bytes"] = sum(t.numel() * t.element_size() for t in block_tensors(sec.slots[0]))
-            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
-            out[mode]["slots"] = len(sec.slots)
-        elif mode == "local_sgd":
-            out[mode]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
+            out[key]["block_bytes"] = sum(t.numel() * t.element_size() for t in block_tensors(sec.slots[0]))
+            out[key]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
+            out[key]["slots"] = len(sec.slots)
+        elif key == "local_sgd":
+            out[key]["shared_bytes"] = sum(t.numel() * t.element_size() for t in engine.strategy.shared_tensors(True))
         del engine
         gc.collect()
     return out
@@ -161,12 +167,13 @@ def _worker_main(argv: list[str]) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--mode", default="resist")
     p.add_argument("--ddp", action="store_true")
+    p.add_argument("--bits", type=int, default=32)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    res = worker_bytes(a.rounds, a.batch, a.ddp) if a.kind == "bytes" else worker_memory(a.mode, a.batch)
+    res = worker_bytes(a.rounds, a.batch, a.ddp, a.bits) if a.kind == "bytes" else worker_memory(a.mode, a.batch)
     if int(os.environ["RANK"]) == 0:
         Path(a.out).write_text(json.dumps(res))
     import torch.distributed as tdist
@@ -210,13 +217,18 @@ def bench_bytes(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
     rows = []
     for s in a.sizes:
         t = time.perf_counter()
-        r = _launch(s, ["bytes", "--rounds", str(a.rounds), "--batch", str(a.bytes_batch)] + (["--ddp"] if a.ddp else []), a.timeout)
+        r = _launch(s, ["bytes", "--rounds", str(a.rounds), "--batch", str(a.bytes_batch), "--bits", str(a.bits)]
+                    + (["--ddp"] if a.ddp else []), a.timeout)
         wall = time.perf_counter() - t
         rs, ls = r["resist"], r["local_sgd"]
         res_avg = statistics.mean(rs["per_round"])
         loc_avg = statistics.mean(ls["per_round"])
         ratio = res_avg / loc_avg
         passed = ratio <= TARGET_RATIO[s]
+        if a.bits == 8:  # the compressed target is against fp32 local SGD
+            passed = res_avg / statistics.mean(r["local_sgd_fp32"]["per_round"]) <= TARGET_8BIT[s]
+        elif a.bits != 32:
+            passed = True  # no target for other widths: the table reports them
         ok &= passed
         rows.append((s, r, res_avg, loc_avg, ratio, passed, wall))
     say("")
@@ -224,7 +236,8 @@ def bench_bytes(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
     for s, r, res_avg, loc_avg, ratio, passed, _ in rows:
         pr = r["resist"]["per_round"]
         say(f"{s:>2} {_mib(res_avg):>17} {f'{min(pr) / 2**20:.1f}..{max(pr) / 2**20:.1f}':>16} {_mib(loc_avg):>20} "
-            f"{ratio:6.3f} {PAPER_RATIO[s]:6.3f} {'<= ' + str(TARGET_RATIO[s]):>7}  {'PASS' if passed else 'FAIL'}")
+            f"{ratio:6.3f} {PAPER_RATIO[s]:6.3f} {'<= ' + str(TARGET_RATIO[s]) if a.bits == 32 else '-':>7}  "
+            + (('PASS' if passed else 'FAIL') if a.bits == 32 else "(both compressed; see below)"))
     say("")
     say("where ResIST's bytes go (MiB/round, summed over ranks) and the engines' own counters (total bytes):")
     say(f"{'S':>2} {'all-reduce':>11} {'p2p':>8} {'shared MiB':>11} {'block MiB':>10} {'k':>2} {'ResIST logger':>14} "
@@ -241,6 +254,16 @@ def bench_bytes(a: argparse.Namespace, say: Callable[[str], None]) -> bool:
             f"{ddp_s:>13} {wall:7.1f}")
         if ddp:
             say(f"   S={s} DDP counters (engine.bytes_sent summed): {sum(ddp['counters'])}; logger: {sum(ddp['per_round'])}")
+    if a.bits != 32:
+        say("")
+        say(f"{a.bits}-bit transport (resist.compression.bits {a.bits}), MiB/round summed over ranks:")
+        say(f"{'S':>2} {'ResIST':>9} {'LSGD':>9} {'LSGD fp32':>10} {'ResIST/LSGD fp32':>17} {'ResIST/LSGD':>12} "
+            f"{'target' if a.bits == 8 else '':>7}  {'result' if a.bits == 8 else ''}")
+        for s, r, res_avg, loc_avg, ratio, passed, _ in rows:
+            fp32 = statistics.mean(r["local_sgd_fp32"]["per_round"])
+            target = f"<= {TARGET_8BIT[s]}" if a.bits == 8 else ""
+            say(f"{s:>2} {_mib(res_avg)} {_mib(loc_avg)} {_mib(fp32):>10} {res_avg / fp32:17.3f} {ratio:12.3f} {target:>7}  "
+                + (("PASS" if passed else "FAIL") if a.bits == 8 else ""))
     same = all(sum(r[m]["per_round"]) == sum(r[m]["counters"]) for _, r, *_ in rows for m in ("resist", "local_sgd"))
     say("logger bytes == engines' bytes_sent counters (ResIST, local SGD): " + ("yes, every S" if same else "NO"))
     return ok and same
@@ -361,6 +384,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=6, help="bytes: sync rounds per mode")
     p.add_argument("--bytes-batch", type=int, default=2, help="bytes/memory: images per rank and step")
     p.add_argument("--no-ddp", dest="ddp", action="store_false", help="bytes: skip the DDP reference")
+    p.add_argument("--bits", type=int, default=32, choices=[4, 5, 6, 7, 8, 32], help="bytes: resist.compression.bits")
     p.add_argument("--memory-size", type=int, default=4, help="memory: number of ranks")
     p.add_argument("--batch", type=int, default=128, help="compute: batch size")
     p.add_argument("--steps", type=int, default=5, help="compute: timed steps per network (after one warm-up)")
@@ -388,7 +412,8 @@ def main(argv: list[str]) -> int:
         ok &= passed
         if a.record:
             a.record.mkdir(parents=True, exist_ok=True)
-            (a.record / f"engine_{name}.txt").write_text("\n".join(lines) + "\n")
+            suffix = f"_{a.bits}bit" if name == "bytes" and a.bits != 32 else ""
+            (a.record / f"engine_{name}{suffix}.txt").write_text("\n".join(lines) + "\n")
     return 0 if ok else 1
 
 

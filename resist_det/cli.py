@@ -125,6 +125,7 @@ def plan(
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to show.")] = 3,
     rate: Annotated[Optional[str], typer.Option(help="Link rate per machine (tc units, e.g. 100mbit): predict seconds on the wire per round.")] = None,
     local_steps: Annotated[int, typer.Option(min=1, help="Local steps per round (with --rate: DDP's traffic over the same steps).")] = 50,
+    bits: Annotated[int, typer.Option(help="Bits per value on the wire (resist.compression.bits: 4-8, or 32 for fp32).")] = 32,
 ) -> None:
     """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round
     (with --rate: predicted seconds per round for ResIST, local SGD and DDP)."""
@@ -144,7 +145,12 @@ def plan(
                 rate_bits = parse_rate(rate)
             except ClusterError as e:
                 raise ValueError(f"--rate: {e}") from None
-        rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed, rounds=max(rounds, 2))
+        if bits not in (4, 5, 6, 7, 8, 32):
+            raise ValueError(f"--bits: expected 4, 5, 6, 7, 8 or 32, got {bits}")
+        from .resist.transport import Codec
+
+        rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed,
+                          rounds=max(rounds, 2), codec=Codec(bits))
     except (ValueError, KeyError, TypeError) as e:
         raise _fail(str(e)) from None
     console = Console(width=max(100, Console().width))
@@ -164,8 +170,11 @@ def plan(
             table.add_row(str(rank), " ".join(str(b) for b in g))
         console.print(table)
         if r["bytes"] is not None:
-            console.print(f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
-                          f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f})")
+            line = (f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
+                    f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f}")
+            if bits != 32:
+                line += f"; {bits}-bit ResIST / fp32 local SGD {r['bytes'] / rep['fp32_local_sgd_bytes']:.3f}"
+            console.print(line + ")")
     if rate is not None:
         t = link_seconds(rep, rate_bits)
         table = Table(title=f"predicted seconds on a {rate} link per machine, one round of {local_steps} local steps (no latency or headers)")
@@ -216,6 +225,7 @@ def cluster(
     nproc_per_node: Annotated[int, typer.Option(min=1, help="Ranks per machine.")] = 1,
     logs: Annotated[Path, typer.Option(help="Where node<i>.log and cluster.json (NIC bytes) go.")] = Path("runs/cluster"),
     timeout: Annotated[Optional[float], typer.Option(min=1, help="Stop every node after this many seconds (exit code 124).")] = None,
+    launcher: Annotated[str, typer.Option(help="torchrun (multi-node rendezvous) or deepspeed (hostfile, --no_ssh per machine).")] = "torchrun",
 ) -> None:
     """Run a recipe or script on N emulated machines (network namespaces, shaped NICs, one switch)
     through torchrun's multi-node rendezvous; prints every NIC's bytes; removes everything after.
@@ -235,7 +245,8 @@ def cluster(
 
             sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
             check_data(load_recipe(recipe_path(target), parse_overrides(sets)))
-        run = run_cluster(target, args, nodes=nodes, rates=rates, log_dir=logs, nproc_per_node=nproc_per_node, timeout=timeout)
+        run = run_cluster(target, args, nodes=nodes, rates=rates, log_dir=logs, nproc_per_node=nproc_per_node, timeout=timeout,
+                          launcher=launcher)
     except (ClusterError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:

@@ -98,12 +98,14 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     assert launch(tmp_path / "recipe.json", nproc=2, progress=False) == 0
-    run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress", "--set", f'train.output_dir="{tmp_path / "cluster"}"'],
-                      nodes=2, rates=[1e8] * 2, log_dir=tmp_path / "logs", stream=False)
-    assert run.returncode == 0, Path(run.logs[0]).read_text()[-3000:]
-    local, cluster = (torch.load(tmp_path / d / "global_model.pt", weights_only=True)["model"] for d in ("local", "cluster"))
-    assert local.keys() == cluster.keys() and all(torch.equal(local[k], cluster[k]) for k in local)
-    epochs = [json.loads(line) for line in (tmp_path / "cluster" / "metrics.jsonl").read_text().splitlines()]
+    for launcher in ("torchrun", "deepspeed"):  # deepspeed: a hostfile, each machine started with --no_ssh --node_rank
+        run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress", "--set", f'train.output_dir="{tmp_path / launcher}"'],
+                          nodes=2, rates=[1e8] * 2, log_dir=tmp_path / f"logs_{launcher}", stream=False, launcher=launcher)
+        assert run.returncode == 0, Path(run.logs[0]).read_text()[-3000:]
+    local, cluster, ds = (torch.load(tmp_path / d / "global_model.pt", weights_only=True)["model"] for d in ("local", "torchrun", "deepspeed"))
+    assert local.keys() == cluster.keys() == ds.keys()
+    assert all(torch.equal(local[k], cluster[k]) and torch.equal(local[k], ds[k]) for k in local)
+    epochs = [json.loads(line) for line in (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in epochs if r["event"] == "epoch"][-1]
     assert last["bytes"] <= last["wire_bytes"] <= last["bytes"] * (1 + WIRE_TOLERANCE) + 20_000, last  # + monitoring reductions
     assert leftovers() == []

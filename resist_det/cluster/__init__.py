@@ -1,7 +1,7 @@
 """Several emulated machines on one host with bandwidth-limited links (``resist-det cluster``).
 
 :mod:`.network` builds the namespaces, NICs, switch and shaping; :mod:`.launch` runs one
-torchrun node per machine through the real multi-node rendezvous and collects NIC counters.
+node per machine through a real multi-node launcher (torchrun or DeepSpeed's) and collects NIC counters.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def run_cluster(target: str, args: list[str], *, nodes: int, rates: list[float], log_dir: str | Path,
                 nproc_per_node: int = 1, stream: bool = True, env: dict[str, str] | None = None,
-                timeout: float | None = None) -> ClusterRun:
+                timeout: float | None = None, launcher: str = "torchrun") -> ClusterRun:
     """Build the network, run ``target`` (recipe or script) on every node, remove the network."""
     check_privileges()
+    if launcher not in ("torchrun", "deepspeed"):
+        raise ClusterError(f"launcher {launcher!r}: expected 'torchrun' or 'deepspeed'")
     command = training_command(target, args)
     with _sigterm_as_interrupt(), EmulatedNetwork(nodes, rates) as net:
         return run_on_cluster(net, command, nproc_per_node=nproc_per_node, log_dir=log_dir, stream=stream, env=env,
-                              timeout=timeout)
+                              timeout=timeout, launcher=launcher)

@@ -1,8 +1,8 @@
-"""Run one training job across the emulated machines, through torchrun's multi-node rendezvous.
+"""Run one training job across the emulated machines, through a real multi-node launcher.
 
 Each node runs ``python -m torch.distributed.run --nnodes N --node_rank i --master_addr <node 0>``
-inside its namespace with ``GLOO_SOCKET_IFNAME`` set to its shaped NIC, exactly as on real
-machines.  Node 0's output is streamed; the others go to ``node<i>.log``.  When one node fails the
+(or DeepSpeed's launcher with a hostfile and ``--no_ssh --node_rank i``) inside its namespace
+with ``GLOO_SOCKET_IFNAME`` set to its shaped NIC, exactly as on real machines.  Node 0's output is streamed; the others go to ``node<i>.log``.  When one node fails the
 others are stopped; whatever happens, the network is torn down before returning.
 """
 
@@ -67,8 +67,26 @@ def _stream(pipe, sink, log) -> None:
             sink.flush()
 
 
+def launcher_command(launcher: str, net: EmulatedNetwork, node: int, nproc_per_node: int, command: list[str],
+                     log_dir: Path) -> list[str]:
+    """How node ``node`` starts its ranks: torchrun's multi-node rendezvous, or DeepSpeed's launcher
+    with a hostfile (``--no_ssh``: each machine starts its own part, as pdsh would over ssh)."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(net.nodes), "--node_rank", str(node),
+                "--nproc_per_node", str(nproc_per_node), "--master_addr", net.address(0),
+                "--master_port", str(MASTER_PORT), *command]
+    if launcher == "deepspeed":
+        hostfile = log_dir / "hostfile"
+        hostfile.write_text("".join(f"node{i} slots={nproc_per_node}\n" for i in range(net.nodes)))
+        target = ["--module", command[1], *command[2:]] if command[0] == "-m" else command
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                "--node_rank", str(node), "--master_addr", net.address(0), "--master_port", str(MASTER_PORT), *target]
+    raise ClusterError(f"launcher {launcher!r}: expected 'torchrun' or 'deepspeed'")
+
+
 def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: int = 1, log_dir: str | Path,
-                   env: dict[str, str] | None = None, stream: bool = True, timeout: float | None = None) -> ClusterRun:
+                   env: dict[str, str] | None = None, stream: bool = True, timeout: float | None = None,
+                   launcher: str = "torchrun") -> ClusterRun:
     """Start ``command`` (see :func:`training_command`) on every node of ``net``; wait for all.
 
     A node that fails stops the others; an interrupt stops all of them (the caller's ``with`` on
@@ -84,9 +102,7 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
     start = time.monotonic()
     try:
         for i in range(net.nodes):
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(net.nodes), "--node_rank", str(i),
-                    "--nproc_per_node", str(nproc_per_node), "--master_addr", net.address(0),
-                    "--master_port", str(MASTER_PORT), *command]
+            argv = launcher_command(launcher, net, i, nproc_per_node, command, log_dir)
             log = open(log_dir / f"node{i}.log", "w")
             logs.append(log)
             p = subprocess.Popen(net.command(i, argv, node_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -138,8 +138,11 @@ class EmulatedNetwork:
             _netns(ns, "ip", "link", "set", "lo", "up")
             rate = int(self.rates[i])
             burst = max(32 * 1024, rate // 8 // 100)  # a bucket of at least 10 ms at the rate (tbf needs >= rate/HZ)
+            # A queue of 100 ms at the rate, and at least 512 KiB: a switch port's buffer, so that
+            # bursts from several gloo connections queue rather than drop and retransmit.
+            limit = max(512 * 1024, rate // 8 // 10)
             _netns(ns, "tc", "qdisc", "add", "dev", NIC, "root", "tbf", "rate", f"{rate}bit",
-                   "burst", str(burst), "latency", "100ms")
+                   "burst", str(burst), "limit", str(limit))
 
     def counters(self) -> list[dict[str, int]]:
         """Per node: bytes and packets its NIC sent and received so far (sysfs statistics)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from .partition import partitionable_blocks
 from .plan import blocks_per_worker, degenerate_plan, inclusion_probability, iter_plans, p2p_sends
+from .transport import Codec
 
 __all__ = ["split_sizes", "plan_report", "link_seconds"]
 
@@ -35,16 +36,24 @@ def split_sizes(model: nn.Module, pattern: str | None = None) -> dict[str, int]:
 
 
 def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blocks: int = 5, seed: int = 0,
-                rounds: int = 3, bytes_per_elem: int = 4) -> dict[str, Any]:
+                rounds: int = 3, bytes_per_elem: int = 4, codec: Codec | None = None) -> dict[str, Any]:
     """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks).
 
-    ``model`` may live on the meta device: only shapes are read.
+    ``model`` may live on the meta device: only shapes are read.  With a lossy ``codec``
+    (``resist.compression``) the ResIST and local-SGD figures are for quantised messages
+    (shared average in one bucket, as :func:`resist_det.resist.transport.compressed_average`
+    sends it); DDP's stay fp32.
     """
     sizes = split_sizes(model)
     n = sizes["num_blocks"]
     k = blocks_per_worker(workers, n, min(min_blocks, n))
     s = workers
-    per_rank = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
+    fp32_rank = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
+    if codec is None or codec.lossless:
+        per_rank, block_bytes = fp32_rank, sizes["block"] * bytes_per_elem
+    else:  # reduce-scatter + all-gather of quantised shards; blocks as one quantised message each
+        per_rank = lambda elems: 2 * (s - 1) * codec.encoded_size(-(-elems // s))  # noqa: E731
+        block_bytes = codec.encoded_size(sizes["block"])
     allreduce = lambda elems: per_rank(elems) * s  # noqa: E731  (summed over ranks)
     plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
     out_rounds = []
@@ -53,8 +62,8 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         out_rounds.append({
             "round": t,
             "groups": p.groups,
-            "bytes": None if sends is None else allreduce(sizes["shared"]) + sum(sends) * sizes["block"] * bytes_per_elem,
-            "rank_bytes": None if sends is None else [per_rank(sizes["shared"]) + n * sizes["block"] * bytes_per_elem for n in sends],
+            "bytes": None if sends is None else allreduce(sizes["shared"]) + sum(sends) * block_bytes,
+            "rank_bytes": None if sends is None else [per_rank(sizes["shared"]) + n * block_bytes for n in sends],
         })
     full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)(layer\d+|encoder\.layers)$", name)) or None
     return {
@@ -69,7 +78,9 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         "scale": inclusion_probability(s, n, min(min_blocks, n)),
         "local_sgd_bytes": allreduce(sizes["total"]),
         "local_sgd_rank_bytes": per_rank(sizes["total"]),
-        "ddp_rank_bytes_per_step": per_rank(sizes["total_params"]),  # DeepSpeed all-reduces gradients every step
+        "ddp_rank_bytes_per_step": fp32_rank(sizes["total_params"]),
+        "fp32_local_sgd_bytes": fp32_rank(sizes["total"]) * s,
+        "bits": codec.bits if codec else 32,  # DeepSpeed all-reduces gradients every step
         "degenerate": degenerate_plan(s, n, min(min_blocks, n)),
         "rounds": out_rounds,
     }

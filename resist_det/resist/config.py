@@ -17,11 +17,21 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..io import read_json_file
 
-__all__ = ["ResISTConfig", "split_config", "config_error"]
+__all__ = ["CompressionConfig", "ResISTConfig", "split_config", "config_error"]
+
+
+class CompressionConfig(BaseModel):
+    """What a sync sends: fp32 (``bits`` 32) or quantised to 4-8 bits with one scale per chunk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bits: Literal[4, 5, 6, 7, 8, 32] = Field(32, description="bits per value on the wire (32: uncompressed fp32)")
+    chunk: int = Field(1024, ge=16, description="values per fp32 scale")
+    stochastic: bool = Field(False, description="stochastic (unbiased) rounding instead of nearest")
 
 
 class ResISTConfig(BaseModel):
@@ -43,6 +53,15 @@ class ResISTConfig(BaseModel):
     warmup_local_sgd_steps: int = Field(0, ge=0, description="local-SGD steps before ResIST starts (paper section 2.6)")
     block_pattern: str | None = Field(None, description="regex of partitionable block names; default: non-strided layer3 blocks")
     bucket_mb: float = Field(32.0, gt=0, description="size of the flat buckets used to average shared tensors")
+    compression: CompressionConfig = Field(default_factory=CompressionConfig,
+                                           description="transport of every tensor a sync sends (paper A.5), e.g. {\"bits\": 8}")
+
+    @model_validator(mode="after")
+    def _compression_needs_rounds(self) -> ResISTConfig:
+        if self.compression.bits != 32 and self.mode == "ddp":
+            raise ValueError("resist.compression: mode 'ddp' all-reduces gradients inside DeepSpeed every step and "
+                             "cannot be compressed here; use mode 'local_sgd' for a compressed data-parallel baseline")
+        return self
 
     def digest(self) -> str:
         """Stable hash of the settings; ranks compare it at start-up."""

@@ -27,6 +27,7 @@ from .optimizer_state import moments, policy, reset_state
 from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
 from .sync import average_tensors, block_tensors, gather_blocks, route_blocks
+from .transport import Codec
 
 __all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "make_strategy"]
 
@@ -92,7 +93,22 @@ class Strategy:
         return out
 
     def _average(self, tensors: list[torch.Tensor]) -> int:
-        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20))
+        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20), codec=self.codec, generator=self.rounding)
+
+    @property
+    def codec(self) -> Codec:
+        """How this strategy's sync messages travel (``resist.compression``)."""
+        c = self.config.compression
+        return Codec(c.bits, c.chunk, c.stochastic)
+
+    @property
+    def rounding(self) -> torch.Generator | None:
+        """This rank's own generator for stochastic rounding (the training RNG stays untouched)."""
+        if not self.config.compression.stochastic:
+            return None
+        if getattr(self, "_rounding", None) is None:
+            self._rounding = torch.Generator().manual_seed(self.config.seed * 1000003 + self.rank)
+        return self._rounding
 
     def _with_state(self, tensors: list[torch.Tensor], params: list[nn.Parameter]) -> list[torch.Tensor]:
         """``tensors`` plus the optimizer moments of ``params`` when they travel with the weights."""
@@ -185,7 +201,8 @@ class ResIST(Strategy):
         new = next(self._plans)
         before = list(self.section.slot_blocks)
         slot_blocks, p2p = route_blocks(self.section.slots, before, self.plan, new, self.rank,
-                                        tensors=lambda m: self._with_state(block_tensors(m), list(m.parameters())))
+                                        tensors=lambda m: self._with_state(block_tensors(m), list(m.parameters())),
+                                        codec=self.codec, generator=self.rounding)
         self.section.assign(slot_blocks)
         self.plan = new
         arrived = [self.section.slots[i] for i, (a, b) in enumerate(zip(before, slot_blocks)) if a != b]

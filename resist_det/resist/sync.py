@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .plan import Plan, reducer_of
+from .transport import Codec, compressed_average
 
 __all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
 
@@ -58,14 +59,23 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]
 
 
 @torch.no_grad()
-def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, log_name: str = ALLREDUCE_LOG) -> int:
-    """Replace every tensor by its mean over all ranks; return the bytes this rank sent."""
+def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, log_name: str = ALLREDUCE_LOG,
+                    codec: Codec | None = None, generator: torch.Generator | None = None) -> int:
+    """Replace every tensor by its mean over all ranks; return the bytes this rank sent.
+
+    With a lossy ``codec`` (float32 tensors), each bucket travels quantised through
+    :func:`resist_det.resist.transport.compressed_average` (point-to-point messages)."""
     world = dist.get_world_size()
     if world == 1 or not tensors:
         return 0
     sent = 0
     for bucket in _buckets(tensors, bucket_bytes):
         flat = _flatten_dense_tensors(bucket)
+        if codec is not None and not codec.lossless and flat.dtype == torch.float32:
+            sent += compressed_average(flat, codec, _exchange, dist.get_rank(), world, generator)
+            for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(avg)
+            continue
         dist.all_reduce(flat, prof=True, log_name=log_name)
         flat.div_(world)
         for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
@@ -86,14 +96,24 @@ def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, in
 
 @torch.no_grad()
 def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Plan, new: Plan, rank: int,
-                 tensors: Callable[[nn.Module], list[Tensor]] = block_tensors) -> tuple[list[int], int]:
+                 tensors: Callable[[nn.Module], list[Tensor]] = block_tensors, codec: Codec | None = None,
+                 generator: torch.Generator | None = None) -> tuple[list[int], int]:
     """Average every partitioned block over its holders in ``old`` and deliver it to ``new``.
 
     ``slots[i]`` holds block ``slot_blocks[i]`` (this rank's group in ``old``).  On return the
     slots hold this rank's group in ``new``; a block this rank keeps stays in its slot.
     ``tensors(block)`` is what travels with a block (default :func:`block_tensors`; the same
-    sizes on every rank).  Returns ``(new slot_blocks, bytes sent by this rank)``.
+    sizes on every rank).  With a lossy ``codec`` every message is quantised, and a reducer that
+    keeps the block it sent keeps the decoded copy, so all holders stay identical.
+    Returns ``(new slot_blocks, bytes sent by this rank)``.
     """
+    codec = codec or Codec()
+    lossless = codec.lossless
+    enc = lambda flat: flat if lossless else codec.encode(flat, generator)  # noqa: E731
+    dec = lambda buf, n: buf if lossless else codec.decode(buf, n)  # noqa: E731
+    block_numel = sum(t.numel() for t in tensors(next(iter(slots))))  # every block's message has this size
+    recv_buf = lambda: _flat_buffer(tensors(next(iter(slots)))) if lossless else torch.empty(  # noqa: E731
+        codec.encoded_size(block_numel), dtype=torch.uint8)
     num_blocks = 1 + max(max(g) for g in old.groups)
     mine_old = {b: slots[i] for i, b in enumerate(slot_blocks)}
     new_group = new.groups[rank]
@@ -108,16 +128,16 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
         r = reducer_of(b, old, new)
         if rank == r:
             own = _flatten_dense_tensors(tensors(mine_old[b]))
-            bufs = [torch.empty_like(own) for h in holders if h != r]
+            bufs = [recv_buf() for h in holders if h != r]
             recvs += [(buf, h, b) for buf, h in zip(bufs, [h for h in holders if h != r])]
             partial[b] = (own, bufs, len(holders))
         elif rank in holders:
-            sends.append((_flatten_dense_tensors(tensors(mine_old[b])), r, b))
+            sends.append((enc(_flatten_dense_tensors(tensors(mine_old[b]))), r, b))
     sent += _exchange(sends, recvs)
     averaged: dict[int, Tensor] = {}
     for b, (own, bufs, count) in partial.items():
         for buf in bufs:
-            own.add_(buf)
+            own.add_(dec(buf, own.numel()))
         averaged[b] = own.div_(count)
 
     # Phase 2: the reducer sends the average to each next holder.
@@ -129,13 +149,16 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
             flat = averaged.get(b)
             if flat is None:  # a single holder: its copy is the average
                 flat = _flatten_dense_tensors(tensors(mine_old[b]))
-            sends += [(flat, h, num_blocks + b) for h in targets]
+            message = enc(flat)
+            if not lossless:  # what the targets will hold; the reducer keeps the same if it stays a holder
+                averaged[b] = codec.decode(message, flat.numel())
+            sends += [(message, h, num_blocks + b) for h in targets]
         elif rank in targets:
-            template = next(iter(mine_old.values()))
-            buf = _flat_buffer(tensors(template))
+            buf = recv_buf()
             recvs.append((buf, r, num_blocks + b))
             incoming[b] = buf
     sent += _exchange(sends, recvs)
+    incoming = {b: dec(buf, block_numel) for b, buf in incoming.items()}
 
     # Write the new group into the slots: kept blocks stay, others fill the freed slots.
     new_slot_blocks = list(slot_blocks)
