@@ -125,10 +125,13 @@ def test_failing_node_stops_the_others_and_cleans_up(tmp_path):
 def test_interrupt_removes_everything(tmp_path):
     script = tmp_path / "sleep_forever.py"
     script.write_text("import time\ntime.sleep(600)\n")
+    # SIGINT back to its default in the child: a suite run as a background job inherits it ignored,
+    # and Python then never raises KeyboardInterrupt (Ctrl-C in a terminal is what this stands for).
     proc = subprocess.Popen([*CLI, "cluster", str(script), "--nodes", "3", "--logs", str(tmp_path / "logs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while len(_running(str(script))) < 3 * 2 and time.monotonic() < deadline:  # torchrun agent + worker per node
+    while len(_running(str(script))) < 1 + 3 * 2 and time.monotonic() < deadline:  # the tool, agent + worker per node
         time.sleep(0.5)
     assert leftovers() != []
     proc.send_signal(signal.SIGINT)

@@ -67,57 +67,64 @@ def test_compressed_average_identical_on_all_ranks_and_near_the_mean(tmp_path, b
     assert sum(n) == sum(buckets) and all(r[2] == want for r in res)
 
 
-def _engine_sync(rank, world, compression, mode):
+def _engine_sync(rank, world):
     import resist_det
     from helpers import block_snapshot, shared_snapshot
     from resist_det.resist.comm_cost import bytes_sent, gather_comms_logs, reset_comms_log, with_comms_logger
 
-    cfg = with_comms_logger(ds_config(lr=0.05, sgd_momentum=0.9, local_steps=10**6, min_blocks=3, seed=2, mode=mode,
-                                      compression=compression))
-    engine, *_ = resist_det.initialize(model=preact_net(seed=1, device="meta" if mode == "resist" else None), config=cfg)
-    gen = torch.Generator().manual_seed(rank)
-    out = []
-    for _ in range(2):
-        train_steps(engine, 2, gen)
-        reset_comms_log()
-        before = (shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})
-        plan = engine.plan.groups if mode == "resist" else None
-        sent = engine.synchronize()
-        logged = bytes_sent(gather_comms_logs()).total
-        out.append(dict(before=before, plan=plan, sent=sent, logged=logged,
-                        after=(shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})))
-    return out
+    result = {}
+    for mode in ("resist", "local_sgd"):
+        for bits in (8, 32):
+            cfg = with_comms_logger(ds_config(lr=0.05, sgd_momentum=0.9, local_steps=10**6, min_blocks=3, seed=2, mode=mode,
+                                              compression={"bits": bits}))
+            engine, *_ = resist_det.initialize(model=preact_net(seed=1, device="meta" if mode == "resist" else None), config=cfg)
+            gen = torch.Generator().manual_seed(rank)
+            out = []
+            for _ in range(2):
+                train_steps(engine, 2, gen)
+                reset_comms_log()
+                before = (shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})
+                plan = engine.plan.groups if mode == "resist" else None
+                sent = engine.synchronize()
+                logged = bytes_sent(gather_comms_logs()).total
+                out.append(dict(before=before, plan=plan, sent=sent, logged=logged,
+                                after=(shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})))
+            result[mode, bits] = out
+    return result
 
 
-@pytest.mark.parametrize("mode", ["resist", "local_sgd"])
-def test_engine_sync_with_8_bits(tmp_path, mode):
+def test_engine_sync_with_8_bits(tmp_path):
     world, bits = 3, 8
-    res = run_on_ranks(_engine_sync, world, tmp_path / "q", {"bits": bits}, mode, timeout=200)
-    fp32 = run_on_ranks(_engine_sync, world, tmp_path / "fp32", {}, mode, timeout=200)
     L = 2 ** (bits - 1) - 1
-    for t in range(2):
-        rounds = [r[t] for r in res]
-        # bytes: the comms logger agrees with the engines; 8 bits send about a quarter of fp32
-        assert rounds[0]["logged"] == sum(r["sent"] for r in rounds) > 0
-        ratio = sum(r["sent"] for r in rounds) / sum(r[t]["sent"] for r in fp32)
-        assert 0.25 <= ratio < 0.30, ratio
-        for name in rounds[0]["after"][0]:  # shared: identical everywhere, near the exact mean
-            inputs = torch.stack([r["before"][0][name] for r in rounds])
-            for r in rounds:
-                assert torch.equal(r["after"][0][name], rounds[0]["after"][0][name]), name
-            err = (rounds[0]["after"][0][name] - inputs.mean(0)).abs().max()
-            assert err <= inputs.abs().max() / L + 1e-7, name
-        if mode == "resist":  # every copy of a block is identical and near the mean of its holders
-            old = rounds[0]["plan"]
-            copies = {}
-            for r in rounds:
-                for b, v in r["after"][1].items():
-                    copies.setdefault(b, []).append(v)
-            for b, vs in copies.items():
-                assert all(torch.equal(v, vs[0]) for v in vs)
-                inputs = torch.stack([rounds[h]["before"][1][b] for h in range(world) if b in old[h]])
-                assert (vs[0] - inputs.mean(0)).abs().max() <= inputs.abs().max() / L + 1e-7
-            assert any(len(vs) > 1 for vs in copies.values())
+    ranks = run_on_ranks(_engine_sync, world, tmp_path, timeout=240)
+    for mode in ("resist", "local_sgd"):
+        res, fp32 = [r[mode, 8] for r in ranks], [r[mode, 32] for r in ranks]
+        for t in range(2):
+            rounds = [r[t] for r in res]
+            # bytes: the comms logger agrees with the engines; 8 bits send about a quarter of fp32
+            assert rounds[0]["logged"] == sum(r["sent"] for r in rounds) > 0
+            ratio = sum(r["sent"] for r in rounds) / sum(r[t]["sent"] for r in fp32)
+            assert 0.25 <= ratio < 0.30, (mode, ratio)
+            # A chunk spans several tensors of a bucket, so the step is bounded by the largest
+            # magnitude anywhere in the shared tensors, not by the tensor's own.
+            largest = max(r["before"][0][n].abs().max() for r in rounds for n in rounds[0]["before"][0])
+            for name in rounds[0]["after"][0]:  # shared: identical everywhere, near the exact mean
+                inputs = torch.stack([r["before"][0][name] for r in rounds])
+                for r in rounds:
+                    assert torch.equal(r["after"][0][name], rounds[0]["after"][0][name]), name
+                err = (rounds[0]["after"][0][name] - inputs.mean(0)).abs().max()
+                assert err <= largest / L + 1e-7, name
+            if mode == "resist":  # every copy of a block is identical and near the mean of its holders
+                old = rounds[0]["plan"]
+                copies = {}
+                for r in rounds:
+                    for b, v in r["after"][1].items():
+                        copies.setdefault(b, []).append(v)
+                for b, vs in copies.items():
+                    assert all(torch.equal(v, vs[0]) for v in vs)
+                    inputs = torch.stack([rounds[h]["before"][1][b] for h in range(world) if b in old[h]])
+                    assert (vs[0] - inputs.mean(0)).abs().max() <= inputs.abs().max() / L + 1e-7
+                assert any(len(vs) > 1 for vs in copies.values())
 
 
 def test_compression_config_errors():
