@@ -29,6 +29,8 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--data", default=None, help="folder with the Fashion-MNIST IDX files (default: the recipe's)")
     ap.add_argument("--out", default="runs/bench_fmnist")
+    ap.add_argument("--modes", nargs="+", default=["resist", "local_sgd"], choices=["resist", "local_sgd"])
+    ap.add_argument("--bits", type=int, default=32, choices=[4, 5, 6, 7, 8, 32], help="resist.compression.bits of every run")
     ap.add_argument("--reuse-finished", action="store_true",
                     help="take runs whose summary.json already exists in --out instead of training them again")
     args = ap.parse_args()
@@ -37,8 +39,12 @@ def main() -> int:
     t0 = time.time()
     for seed in args.seeds:
         for mode, recipe in (("resist", "fashion_mnist_resist"), ("local_sgd", "fashion_mnist_localsgd")):
+            if mode not in args.modes:
+                continue
             out = Path(args.out) / f"{mode}_seed{seed}"
             overrides = {"train.output_dir": str(out), "train.seed": seed, "model.seed": seed, "resist.seed": seed}
+            if args.bits != 32:
+                overrides["resist.compression"] = {"bits": args.bits}
             if args.data:
                 overrides["data.root"] = args.data
             print(f"== {mode}, seed {seed}", flush=True)
@@ -54,6 +60,8 @@ def main() -> int:
     print(f"{'mode':<10} {'seed':>4} {'test acc':>9} {'wall (s)':>9} {'bytes (MiB)':>12}")
     for r in rows:
         print(f"{r['mode']:<10} {r['seed']:>4} {100 * r['accuracy']:>8.2f}% {r['wall']:>9.1f} {r['bytes'] / 2**20:>12.1f}")
+    if len(args.modes) < 2:  # one mode: its figures only (compare with a recorded run of the other settings)
+        return 0
     mean = {m: {k: statistics.mean(r[k] for r in rows if r["mode"] == m) for k in ("accuracy", "wall", "bytes")} for m in ("resist", "local_sgd")}
     for m, v in mean.items():
         print(f"{m:<10} {'mean':>4} {100 * v['accuracy']:>8.2f}% {v['wall']:>9.1f} {v['bytes'] / 2**20:>12.1f}")
