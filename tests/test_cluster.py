@@ -72,7 +72,13 @@ def test_without_root_one_line_and_nonzero(tmp_path):
 @needs_network
 def test_engine_bytes_agree_with_wire_bytes(tmp_path):
     script = Path(__file__).with_name("cluster_modes.py")
-    run = run_cluster(str(script), [str(tmp_path / "modes.json")], nodes=2, rates=[1e9] * 2, log_dir=tmp_path / "logs", stream=False)
+    for attempt in range(2):
+        run = run_cluster(str(script), [str(tmp_path / "modes.json")], nodes=2, rates=[1e9] * 2,
+                          log_dir=tmp_path / f"logs{attempt}", stream=False)
+        # Seen once in about ten runs, under CPU contention: a worker aborts in gloo's start-up
+        # ("terminate called without an active exception") before any training; start once more.
+        if run.returncode == 0 or "terminate called without an active exception" not in Path(run.logs[0]).read_text():
+            break
     assert run.returncode == 0, Path(run.logs[0]).read_text()[-3000:]
     res = json.loads((tmp_path / "modes.json").read_text())
     for mode, r in res.items():
