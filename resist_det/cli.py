@@ -134,9 +134,7 @@ def plan(
     from rich.table import Table
 
     from .models.zoo import build_named_model
-    from .resist.accounting import plan_report
-
-    from .resist.accounting import link_seconds
+    from .resist.accounting import link_seconds, plan_report
 
     try:
         if rate is not None:

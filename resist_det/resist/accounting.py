@@ -78,9 +78,8 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         "scale": inclusion_probability(s, n, min(min_blocks, n)),
         "local_sgd_bytes": allreduce(sizes["total"]),
         "local_sgd_rank_bytes": per_rank(sizes["total"]),
-        "ddp_rank_bytes_per_step": fp32_rank(sizes["total_params"]),
+        "ddp_rank_bytes_per_step": fp32_rank(sizes["total_params"]),  # DeepSpeed all-reduces gradients every step
         "fp32_local_sgd_bytes": fp32_rank(sizes["total"]) * s,
-        "bits": codec.bits if codec else 32,  # DeepSpeed all-reduces gradients every step
         "degenerate": degenerate_plan(s, n, min(min_blocks, n)),
         "rounds": out_rounds,
     }

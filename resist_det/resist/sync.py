@@ -73,14 +73,12 @@ def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, 
         flat = _flatten_dense_tensors(bucket)
         if codec is not None and not codec.lossless and flat.dtype == torch.float32:
             sent += compressed_average(flat, codec, _exchange, dist.get_rank(), world, generator)
-            for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                t.copy_(avg)
-            continue
-        dist.all_reduce(flat, prof=True, log_name=log_name)
-        flat.div_(world)
+        else:
+            dist.all_reduce(flat, prof=True, log_name=log_name)
+            flat.div_(world)
+            sent += round(2 * (world - 1) / world * flat.numel() * flat.element_size())
         for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(avg)
-        sent += round(2 * (world - 1) / world * flat.numel() * flat.element_size())
     return sent
 
 
