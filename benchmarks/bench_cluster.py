@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,12 +34,22 @@ PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total
          "Table 6 (Pascal VOC, 2-4 machines) 1.49-1.64x; Table 5 (ImageNet, time to accuracy) 1.02-1.25x")
 
 
-def overrides(args, mode: str, seed: int, out: Path) -> dict:
+def split_mode(label: str) -> tuple[str, int]:
+    """``resist_8bit`` -> (``resist``, 8); ``local_sgd`` -> (``local_sgd``, 32)."""
+    m = re.fullmatch(r"(resist|local_sgd|ddp)(?:_(\d)bit)?", label)
+    if not m or (m.group(1) == "ddp" and m.group(2)):
+        raise SystemExit(f"error: --modes: unknown mode {label!r} (resist, local_sgd, ddp, or resist_8bit / local_sgd_8bit ...)")
+    return m.group(1), int(m.group(2) or 32)
+
+
+def overrides(args, label: str, seed: int, out: Path) -> dict:
+    mode, bits = split_mode(label)
+    drops = [float(e) for e in args.lr_drops.split(",")] if args.lr_drops else []
     return {
-        "resist.mode": mode, "resist.local_steps": args.local_steps, "resist.min_blocks": 5, "resist.seed": seed,
+        "resist.mode": mode, "resist.compression": {"bits": bits}, "resist.local_steps": args.local_steps, "resist.min_blocks": 5, "resist.seed": seed,
         "model.layers": [1, 1, 23, 1], "model.base_width": 8, "model.seed": seed,
         "deepspeed.train_micro_batch_size_per_gpu": args.batch,
-        "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps_per_epoch, "train.lr_schedule": {},
+        "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps_per_epoch, "train.lr_schedule": {"milestones": drops, "gamma": 0.1},
         "train.seed": seed, "train.eval_every": 1, "train.checkpoint_every": 10**6, "train.log_every": 5,
         "train.output_dir": str(out), "data.limit_test": args.limit_test,
     }
@@ -61,14 +72,23 @@ def time_to_target(run: dict, target: float) -> tuple[float, bool]:
     return run["trained_seconds"], False
 
 
-def predicted(args) -> dict:
-    """``resist-det plan``'s wire seconds per round (and per DDP step) at each rate, for this network."""
+def predicted(args, labels: list[str]) -> dict:
+    """``resist-det plan``'s wire seconds per round (and per DDP step) for each rate and mode label."""
     from resist_det.models import preact_resnet
     from resist_det.resist.accounting import link_seconds, plan_report
+    from resist_det.resist.transport import Codec
 
     net = preact_resnet(layers=[1, 1, 23, 1], num_classes=10, stem="cifar", base_width=8, device="meta")
-    rep = plan_report(net, args.nodes, min_blocks=5, rounds=20)
-    return {rate: link_seconds(rep, parse_rate(rate)) for rate in args.rates}
+    out: dict = {}
+    for bits in sorted({split_mode(label)[1] for label in labels}):
+        rep = plan_report(net, args.nodes, min_blocks=5, rounds=20, codec=Codec(bits=bits) if bits != 32 else None)
+        for rate in args.rates:
+            secs = link_seconds(rep, parse_rate(rate))
+            for label in labels:
+                mode, b = split_mode(label)
+                if b == bits:
+                    out[(rate, label)] = secs["ddp_step"] * args.local_steps if mode == "ddp" else secs[f"{mode}_round"]
+    return out
 
 
 def plot(results: dict, args, path: Path) -> None:
@@ -78,14 +98,14 @@ def plot(results: dict, args, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.rates) + 1, figsize=(4.2 * (len(args.rates) + 1), 3.6))
-    colours = {"resist": "tab:red", "local_sgd": "tab:blue", "ddp": "tab:gray"}
+    colours = {"resist": "tab:red", "local_sgd": "tab:blue", "ddp": "tab:gray", "resist_8bit": "tab:orange", "local_sgd_8bit": "tab:cyan"}
     for ax, rate in zip(axes, args.rates):
         for (r, mode, seed), run in results.items():
             if r != rate:
                 continue
             xs = [e["wall"] for e in run["epochs"]]
             ys = [100 * e.get("metrics", {}).get("accuracy", math.nan) for e in run["epochs"]]
-            ax.plot(xs, ys, "o-", color=colours[mode], label=mode if seed == args.seeds[0] else None, alpha=0.8)
+            ax.plot(xs, ys, "o-", color=colours.get(mode, "tab:green"), label=mode if seed == args.seeds[0] else None, alpha=0.8)
         ax.axhline(100 * args.target, ls="--", color="k", lw=0.8)
         ax.set(title=f"{rate} per machine", xlabel="training wall (s)", ylabel="test accuracy (%)")
         ax.legend(fontsize=8)
@@ -122,6 +142,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--steps-per-epoch", type=int, default=60)
     ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--lr-drops", default="", help="comma-separated epochs at which the learning rate is multiplied by 0.1")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit-test", type=int, default=2000)
     ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP after this many times ResIST's time to target")
@@ -137,6 +158,8 @@ def main() -> int:
     other_seeds = [int(s) for s in args.other_seeds.split(",")]
     ddp_seeds = [int(s) for s in args.ddp_seeds.split(",")]
     modes = args.modes.split(",")
+    for m in modes:
+        split_mode(m)
     try:
         check_privileges()
         for r in args.rates:
@@ -179,7 +202,7 @@ def main() -> int:
                 for e in res["epochs"]:
                     print(f"  epoch {e['epoch'] + 1}  wall {e['wall']:7.1f}s  acc {100 * e.get('metrics', {}).get('accuracy', math.nan):5.2f}%  "
                           f"rounds {e['round']}  accounted {e['bytes'] / 2**20:7.1f} MiB  wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
-    pred = predicted(args)
+    pred = predicted(args, modes)
     lines = [f"Fashion-MNIST, {args.nodes} emulated machines (1 rank each, tbf-shaped NICs), preact ResNet [1,1,23,1] width 8, "
              f"batch {args.batch}/rank, {args.local_steps} local steps, {args.steps_per_epoch} steps/epoch, {args.epochs} epochs, "
              f"test set first {args.limit_test} images, target {100 * args.target:.1f}%  (total {time.monotonic() - t_all:.0f} s)",
@@ -194,7 +217,7 @@ def main() -> int:
         if not math.isnan(ratio):
             worst_wire = max(worst_wire, abs(ratio - 1))
         sync = last.get("sync_seconds", math.nan) / last["round"] if last.get("round") else math.nan
-        plan_s = pred[rate][f"{mode}_round"] if mode != "ddp" else pred[rate]["ddp_step"] * args.local_steps
+        plan_s = pred[(rate, mode)]
         lines.append(f"{rate:9s} {mode:10s} {seed:4d}  {('' if reached else '>') + f'{t:.1f}':>12s}  {acc:8.2f}%  "
                      f"{last.get('wall', math.nan):8.1f}  {acct / 2**20:13.1f}  {wire / 2**20:8.1f}  {ratio:8.3f}  "
                      f"{sync:12.2f}  {plan_s:12.2f}" + ("  (stopped)" if r["stopped"] else ""))
@@ -213,7 +236,11 @@ def main() -> int:
                      f"resist / local SGD {tr / tl:.3f}, resist / ddp {'' if okd else '<'}{tr / td:.3f}; "
                      f"final acc resist {accs.get('resist', math.nan):.2f}% local SGD {accs.get('local_sgd', math.nan):.2f}% "
                      f"ddp {accs.get('ddp', math.nan):.2f}%")
-        verdicts.append((rate, tr, tl, td, okr, okl, accs))
+        compressed = {m: mean_t(m) for m in modes if split_mode(m)[1] != 32}
+        for m, (tc, okc) in compressed.items():
+            lines.append(f"{rate}: {m}: time to {100 * args.target:.0f}% {tc:.1f}s{'' if okc else ' (not reached)'}, "
+                         f"/ fp32 local SGD {tc / tl:.3f}, / fp32 resist {tc / tr:.3f}; final acc {accs[m]:.2f}%")
+        verdicts.append((rate, tr, tl, td, okr, okl, accs, compressed))
     low, high = verdicts[0], verdicts[-1]
     checks = [
         (f"lowest rate ({low[0]}): resist <= 0.5 x local SGD's time to target", low[4] and low[5] and low[1] <= 0.5 * low[2]),
@@ -224,6 +251,9 @@ def main() -> int:
         (f"wire / accounted bytes within 1 + {args.wire_tolerance} in every run (worst {1 + worst_wire:.3f})",
          worst_wire <= args.wire_tolerance),
     ]
+    if "resist_8bit" in low[7]:
+        tc, okc = low[7]["resist_8bit"]
+        checks.append((f"lowest rate ({low[0]}): resist_8bit <= 0.28 x fp32 local SGD's time to target", okc and low[5] and tc <= 0.28 * low[2]))
     lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]
     lines.append(PAPER)
     text = "\n".join(lines)

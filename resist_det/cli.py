@@ -127,6 +127,7 @@ def plan(
     rate: Annotated[Optional[str], typer.Option(help="Link rate per machine (tc units, e.g. 100mbit): predict seconds on the wire per round.")] = None,
     local_steps: Annotated[int, typer.Option(min=1, help="Local steps per round (with --rate: DDP's traffic over the same steps).")] = 50,
     bits: Annotated[int, typer.Option(help="Bits per value on the wire (resist.compression.bits: 4-8, or 32 for fp32).")] = 32,
+    topk: Annotated[Optional[float], typer.Option(help="Fraction of each averaged tensor's change sent per sync (resist.compression.topk, in (0, 1]).")] = None,
 ) -> None:
     """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round
     (with --rate: predicted seconds per round for ResIST, local SGD and DDP)."""
@@ -146,10 +147,12 @@ def plan(
                 raise ValueError(f"--rate: {e}") from None
         if bits not in (4, 5, 6, 7, 8, 32):
             raise ValueError(f"--bits: expected 4, 5, 6, 7, 8 or 32, got {bits}")
+        if topk is not None and not 0 < topk <= 1:
+            raise ValueError(f"--topk: expected a fraction in (0, 1], got {topk}")
         from .resist.transport import Codec
 
         rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed,
-                          rounds=max(rounds, 2), codec=Codec(bits))
+                          rounds=max(rounds, 2), codec=Codec(bits), topk=topk)
     except (ValueError, KeyError, TypeError) as e:
         raise _fail(str(e)) from None
     console = Console(width=max(100, Console().width))
@@ -171,8 +174,8 @@ def plan(
         if r["bytes"] is not None:
             line = (f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
                     f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f}")
-            if bits != 32:
-                line += f"; {bits}-bit ResIST / fp32 local SGD {r['bytes'] / rep['fp32_local_sgd_bytes']:.3f}"
+            if bits != 32 or topk is not None:
+                line += f"; compressed ResIST / fp32 local SGD {r['bytes'] / rep['fp32_local_sgd_bytes']:.3f}"
             console.print(line + ")")
     if rate is not None:
         t = link_seconds(rep, rate_bits)

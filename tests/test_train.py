@@ -38,13 +38,16 @@ def _final(tmp_path, out):
     return saved, rounds
 
 
-def test_resume_after_sync_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("compression", [None, {"topk": 0.25, "bits": 8}], ids=["fp32", "topk-8bit"])
+def test_resume_after_sync_equals_uninterrupted(tmp_path, compression):
+    """Also with top-k transport, whose baselines and error-feedback residuals must be resumed."""
     _write_idx(tmp_path / "fmnist")
-    full = _recipe(tmp_path, "full")
+    extra = {"compression": compression} if compression else {}
+    full = _recipe(tmp_path, "full", **extra)
     full["train"]["epochs"] = 2
     [summary, _] = run_on_ranks(_train_rank, 2, tmp_path / "a", full, False, timeout=300)
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
-    part = _recipe(tmp_path, "part")
+    part = _recipe(tmp_path, "part", **extra)
     part["train"]["epochs"] = 1  # stops right after the sync that ends epoch 1
     run_on_ranks(_train_rank, 2, tmp_path / "b", part, False, timeout=300)
     part["train"]["epochs"] = 2

@@ -134,5 +134,64 @@ def test_compression_config_errors():
         split_config({"resist": {"compression": {"bits": 3}}})
     with pytest.raises(ValueError, match="use mode 'local_sgd'"):
         split_config({"resist": {"mode": "ddp", "compression": {"bits": 8}}})
-    with pytest.raises(ValueError, match=r"resist\.compression\.topk: unknown key"):
-        split_config({"resist": {"compression": {"topk": 0.25}}})
+    for bad in (0, 1.5, -0.25):
+        with pytest.raises(ValueError, match=r"resist\.compression\.topk"):
+            split_config({"resist": {"compression": {"topk": bad}}})
+    with pytest.raises(ValueError, match="use mode 'local_sgd'"):
+        split_config({"resist": {"mode": "ddp", "compression": {"topk": 0.25}}})
+    assert split_config({"resist": {"compression": {"topk": 0.25, "bits": 8}}})[1].compression.topk == 0.25
+
+
+# ---- top-k sparsified averaging ----------------------------------------------------------------
+def _sparse(rank, world, bits):
+    import deepspeed.comm as dist
+
+    from resist_det.resist.sparse import SparseAverager
+    from resist_det.resist.sync import average_tensors
+
+    dist.init_distributed(dist_backend="gloo")
+    torch.manual_seed(rank)
+    sparse = SparseAverager(0.25, Codec(bits, chunk=64))
+    tensors = [torch.randn(1000), torch.randn(7, 5)]
+    rounds = []
+    for _ in range(3):
+        before = [t.clone() for t in tensors]
+        sent = average_tensors(tensors, bucket_bytes=10**6, sparse=sparse)
+        state = next(iter(sparse.states.values()))
+        rounds.append(dict(before=before, after=[t.clone() for t in tensors], sent=sent, residual=state.residual.clone(),
+                           owner_residual=state.owner_residual.clone()))
+        for t in tensors:  # local training moves every rank differently
+            t.add_(torch.randn_like(t) * (rank + 1))
+    return rounds
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_sparse_average_conserves_the_mean_and_keeps_replicas_identical(tmp_path, bits):
+    world, n = 3, 1035
+    shard = -(-n // world)
+    k = -(-shard // 4)
+    res = run_on_ranks(_sparse, world, tmp_path, bits)
+    codec = Codec(bits, chunk=64)
+    flat = lambda ts: torch.cat([t.reshape(-1) for t in ts])  # noqa: E731
+    # first sync: dense, the exact mean (fp32) sets the common baseline
+    first = [flat(r[0]["before"]) for r in res]
+    if bits == 32:
+        assert torch.allclose(flat(res[0][0]["after"]), torch.stack(first).mean(0), atol=1e-6)
+    owner_old = torch.zeros(shard * world)
+    for t in (1, 2):
+        base = flat(res[0][t - 1]["after"])
+        after = flat(res[0][t]["after"])
+        for r in res:  # replicas identical
+            assert torch.equal(flat(r[t]["after"]), after)
+        # at most k changed values per shard
+        changed = torch.nn.functional.pad(after != base, (0, shard * world - n)).view(world, shard).sum(1)
+        assert int(changed.max()) <= k and int(changed.sum()) > 0
+        # conservation: nothing a rank trained is lost, only delayed in the residuals
+        deltas = torch.stack([flat(r[t]["before"]) - base + r[t - 1]["residual"] * (t > 1) for r in res])
+        owner_new = torch.cat([r[t]["owner_residual"] for r in res])
+        lhs = after + torch.stack([r[t]["residual"] for r in res]).sum(0) / world + owner_new[:n]
+        rhs = base + deltas.mean(0) + owner_old[:n]
+        assert torch.allclose(lhs, rhs, atol=1e-5), (lhs - rhs).abs().max()
+        owner_old = owner_new
+        # bytes: two stages of (world - 1) messages of k indices and k values
+        assert all(r[t]["sent"] == 2 * (world - 1) * (4 * k + codec.encoded_size(k)) for r in res)

@@ -8,6 +8,7 @@ The prediction uses the costing of :mod:`resist_det.resist.sync` (ring all-reduc
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .partition import partitionable_blocks
 from .plan import blocks_per_worker, degenerate_plan, inclusion_probability, iter_plans, p2p_sends
+from .sparse import sparse_message_size
 from .transport import Codec
 
 __all__ = ["split_sizes", "plan_report", "link_seconds"]
@@ -36,13 +38,16 @@ def split_sizes(model: nn.Module, pattern: str | None = None) -> dict[str, int]:
 
 
 def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blocks: int = 5, seed: int = 0,
-                rounds: int = 3, bytes_per_elem: int = 4, codec: Codec | None = None) -> dict[str, Any]:
+                rounds: int = 3, bytes_per_elem: int = 4, codec: Codec | None = None,
+                topk: float | None = None) -> dict[str, Any]:
     """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks).
 
     ``model`` may live on the meta device: only shapes are read.  With a lossy ``codec``
     (``resist.compression``) the ResIST and local-SGD figures are for quantised messages
     (shared average in one bucket, as :func:`resist_det.resist.transport.compressed_average`
-    sends it); DDP's stay fp32.
+    sends it); DDP's stay fp32.  With ``topk`` (``resist.compression.topk``) averaged tensors
+    travel as top-k deltas (:mod:`resist_det.resist.sparse`, after the first, dense, sync) and
+    ResIST's routed blocks stay dense.
     """
     sizes = split_sizes(model)
     n = sizes["num_blocks"]
@@ -54,6 +59,9 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
     else:  # reduce-scatter + all-gather of quantised shards; blocks as one quantised message each
         per_rank = lambda elems: 2 * (s - 1) * codec.encoded_size(-(-elems // s))  # noqa: E731
         block_bytes = codec.encoded_size(sizes["block"])
+    if topk is not None:
+        value_codec = codec or Codec()
+        per_rank = lambda elems: 2 * (s - 1) * sparse_message_size(math.ceil(topk * -(-elems // s)), value_codec)  # noqa: E731
     allreduce = lambda elems: per_rank(elems) * s  # noqa: E731  (summed over ranks)
     plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
     out_rounds = []

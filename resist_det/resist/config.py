@@ -32,6 +32,8 @@ class CompressionConfig(BaseModel):
     bits: Literal[4, 5, 6, 7, 8, 32] = Field(32, description="bits per value on the wire (32: uncompressed fp32)")
     chunk: int = Field(1024, ge=16, description="values per fp32 scale")
     stochastic: bool = Field(False, description="stochastic (unbiased) rounding instead of nearest")
+    topk: float | None = Field(None, gt=0, le=1, description="send only this fraction of each averaged tensor's change "
+                               "since the last sync, largest first (error feedback keeps the rest); routed blocks stay dense")
 
 
 class ResISTConfig(BaseModel):
@@ -58,7 +60,7 @@ class ResISTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _compression_needs_rounds(self) -> ResISTConfig:
-        if self.compression.bits != 32 and self.mode == "ddp":
+        if (self.compression.bits != 32 or self.compression.topk is not None) and self.mode == "ddp":
             raise ValueError("resist.compression: mode 'ddp' all-reduces gradients inside DeepSpeed every step and "
                              "cannot be compressed here; use mode 'local_sgd' for a compressed data-parallel baseline")
         return self

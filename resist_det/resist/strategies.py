@@ -27,6 +27,7 @@ from .optimizer_state import moments, policy, reset_state
 from .plan import Plan, inclusion_probability, iter_plans
 from .subnet import SlottedSection, get_submodule_parent
 from .sync import average_tensors, block_tensors, gather_blocks, route_blocks
+from .sparse import SparseAverager
 from .transport import Codec
 
 __all__ = ["Strategy", "DataParallel", "LocalSGD", "ResIST", "make_strategy"]
@@ -71,10 +72,11 @@ class Strategy:
         return [p for p in self.module.parameters() if p.requires_grad and id(p) not in held]
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"sparse": self.sparse.state_dict()} if self.sparse is not None else {}
 
     def load_state_dict(self, state: dict[str, Any], round_index: int) -> None:
-        pass
+        if self.sparse is not None:
+            self.sparse.load_state_dict(state.get("sparse", {}))
 
     # ---- shared by the averaging modes ---------------------------------------------------
     def _with_bn(self, round_index: int) -> bool:
@@ -93,7 +95,17 @@ class Strategy:
         return out
 
     def _average(self, tensors: list[torch.Tensor]) -> int:
-        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20), codec=self.codec, generator=self.rounding)
+        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20), codec=self.codec,
+                               generator=self.rounding, sparse=self.sparse)
+
+    @property
+    def sparse(self) -> SparseAverager | None:
+        """Baselines and error-feedback residuals of top-k averaging (``resist.compression.topk``)."""
+        if self.config.compression.topk is None:
+            return None
+        if getattr(self, "_sparse", None) is None:
+            self._sparse = SparseAverager(self.config.compression.topk, self.codec)
+        return self._sparse
 
     @property
     def codec(self) -> Codec:
@@ -265,11 +277,12 @@ class ResIST(Strategy):
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"resist_start": self.resist_start, "slot_blocks": list(self.section.slot_blocks)}
+        return {**super().state_dict(), "resist_start": self.resist_start, "slot_blocks": list(self.section.slot_blocks)}
 
     def load_state_dict(self, state: dict[str, Any], round_index: int) -> None:
         """Restore the plan position and slot contents; a state saved after the warm-up ends the
         warm-up of a strategy still in it (its extra blocks are dropped)."""
+        super().load_state_dict(state, round_index)
         start = state["resist_start"]
         if start is None:
             if not self.in_warmup:

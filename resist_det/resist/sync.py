@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .plan import Plan, reducer_of
+from .sparse import SparseAverager
 from .transport import Codec, compressed_average
 
 __all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
@@ -60,18 +61,22 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]
 
 @torch.no_grad()
 def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, log_name: str = ALLREDUCE_LOG,
-                    codec: Codec | None = None, generator: torch.Generator | None = None) -> int:
+                    codec: Codec | None = None, generator: torch.Generator | None = None,
+                    sparse: SparseAverager | None = None) -> int:
     """Replace every tensor by its mean over all ranks; return the bytes this rank sent.
 
     With a lossy ``codec`` (float32 tensors), each bucket travels quantised through
-    :func:`resist_det.resist.transport.compressed_average` (point-to-point messages)."""
+    :func:`resist_det.resist.transport.compressed_average` (point-to-point messages); with
+    ``sparse`` (``resist.compression.topk``), as top-k deltas through :class:`SparseAverager`."""
     world = dist.get_world_size()
     if world == 1 or not tensors:
         return 0
     sent = 0
-    for bucket in _buckets(tensors, bucket_bytes):
+    for i, bucket in enumerate(_buckets(tensors, bucket_bytes)):
         flat = _flatten_dense_tensors(bucket)
-        if codec is not None and not codec.lossless and flat.dtype == torch.float32:
+        if sparse is not None and flat.dtype == torch.float32:
+            sent += sparse.average(flat, f"{i}:{flat.numel()}", _exchange, dist.get_rank(), world, generator)
+        elif codec is not None and not codec.lossless and flat.dtype == torch.float32:
             sent += compressed_average(flat, codec, _exchange, dist.get_rank(), world, generator)
         else:
             dist.all_reduce(flat, prof=True, log_name=log_name)
