@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_text", "atomic_torch_save", "atomic_write_json", "read_json_file"]
+__all__ = ["standard_json", "tensor_checksums", "atomic_write_text", "atomic_torch_save", "atomic_write_json", "read_json_file"]
 
 
 def _atomic(path: Path, write) -> Path:
@@ -33,12 +34,32 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic(Path(path), lambda f: f.write(text.encode()))
 
 
+def standard_json(obj: Any) -> Any:
+    """NaN and infinities -> None: the files are standard JSON that any parser reads."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: standard_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [standard_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Standard JSON (non-finite numbers written as ``null``), written atomically."""
+    return atomic_write_text(path, json.dumps(standard_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def tensor_checksums(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """SHA-256 of every tensor's bytes: stored beside the tensors, checked when they load."""
+    import hashlib
+
+    return {k: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, t in state.items()}
 
 
 def read_json_file(path: str | Path, what: str) -> Any:

@@ -39,8 +39,10 @@ def _final(tmp_path, out):
 
 
 @pytest.mark.parametrize("compression", [None, {"topk": 0.25, "bits": 8}], ids=["fp32", "topk-8bit"])
-def test_resume_after_sync_equals_uninterrupted(tmp_path, compression):
-    """Also with top-k transport, whose baselines and error-feedback residuals must be resumed."""
+def test_resume_after_an_interrupted_save_equals_uninterrupted(tmp_path, compression):
+    """The save of epoch 2's checkpoint is cut short (its manifest never written, a temporary
+    file left): --resume passes over it, continues from epoch 1's, and ends bit-identical to an
+    uninterrupted run.  Also with top-k transport, whose baselines and residuals are resumed."""
     _write_idx(tmp_path / "fmnist")
     extra = {"compression": compression} if compression else {}
     full = _recipe(tmp_path, "full", **extra)
@@ -48,21 +50,28 @@ def test_resume_after_sync_equals_uninterrupted(tmp_path, compression):
     [summary, _] = run_on_ranks(_train_rank, 2, tmp_path / "a", full, False, timeout=300)
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
     part = _recipe(tmp_path, "part", **extra)
-    part["train"]["epochs"] = 1  # stops right after the sync that ends epoch 1
-    run_on_ranks(_train_rank, 2, tmp_path / "b", part, False, timeout=300)
     part["train"]["epochs"] = 2
+    run_on_ranks(_train_rank, 2, tmp_path / "b", part, False, timeout=300)
+    ckpt = tmp_path / "part" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "epoch0001"
+    (ckpt / "epoch0001" / "resist.json").unlink()  # killed before rank 0 wrote the manifest
+    (ckpt / "epoch0001" / ".resist_rank01.pt.x.tmp").write_bytes(b"half")
+    from resist_det.resist.checkpoint import resume_tag
+
+    tag, note = resume_tag(ckpt)
+    assert tag == "epoch0000" and "epoch0001 is incomplete" in note
     run_on_ranks(_train_rank, 2, tmp_path / "c", part, True, timeout=300)
     a, rounds_a = _final(tmp_path, "full")
     b, rounds_b = _final(tmp_path, "part")
-    assert rounds_a == rounds_b and len(rounds_a) == 2  # the same plan sequence (rounds per epoch)
+    assert rounds_a == rounds_b and len(rounds_a) == 2  # the same plan sequence; epoch 2 logged once
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k  # the same weights, bit for bit
-    # Every rank's own state was checkpointed next to DeepSpeed's files.
-    ckpt = tmp_path / "part" / "checkpoints"
+    # Every rank's own state was checkpointed next to DeepSpeed's files, with a manifest.
     assert (ckpt / "latest").read_text().strip() == "epoch0001"
     assert sorted(p.name for p in (ckpt / "epoch0001").glob("resist_rank*.pt")) == ["resist_rank00.pt", "resist_rank01.pt"]
-    assert json.loads((ckpt / "epoch0001" / "resist.json").read_text())["world_size"] == 2
+    record = json.loads((ckpt / "epoch0001" / "resist.json").read_text())
+    assert record["world_size"] == 2 and {"resist_rank00.pt", "resist_rank01.pt"} <= set(record["files"])
     # Rank 0's sub-network and optimizer live in DeepSpeed's file only: nothing is stored twice.
     rank0, rank1 = (torch.load(ckpt / "epoch0001" / f"resist_rank0{r}.pt", weights_only=True) for r in (0, 1))
     assert "module" not in rank0 and "optimizer" not in rank0 and "module" in rank1 and "optimizer" in rank1

@@ -10,20 +10,30 @@ state, and rank 0 writes a small JSON record of the run that wrote the checkpoin
 Rank files hold tensors and plain values only and load with ``weights_only=True``.
 :func:`check_checkpoint` reads only the JSON record and file names, so a launcher can refuse an
 incompatible resume before any rank starts.
+
+A checkpoint is *complete* once its record lists every file of the tag with its size and
+SHA-256 (written by rank 0 after every rank's and DeepSpeed's files are on disk and fsynced);
+only then does ``latest`` move to it.  A tag without that manifest is an interrupted save and is
+never resumed from (:func:`resume_tag` falls back to the newest complete one); a file whose
+checksum differs is refused by name (:func:`verify_files`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .config import ResISTConfig
 
-__all__ = ["rank_file", "save_rank_state", "load_rank_state", "write_record", "check_checkpoint", "latest_tag"]
+__all__ = ["rank_file", "save_rank_state", "load_rank_state", "write_record", "check_checkpoint", "latest_tag",
+           "resume_tag", "verify_files", "prune", "is_complete", "check_plain_tensors"]
 
 RECORD_FILE = "resist.json"
 
@@ -46,10 +56,97 @@ def save_rank_state(checkpoint_dir: str | Path, tag: str, rank: int, state: dict
     return atomic_torch_save(state, rank_file(checkpoint_dir, tag, rank))
 
 
-def write_record(checkpoint_dir: str | Path, tag: str, world_size: int, config: ResISTConfig) -> Path:
-    """Rank 0: the JSON record of the run that wrote the checkpoint."""
-    record = {"world_size": world_size, "resist": config.model_dump(mode="json")}
-    return atomic_write_json(Path(checkpoint_dir) / str(tag) / RECORD_FILE, record)
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        os.fsync(f.fileno())  # DeepSpeed's own writes are not fsynced: make them durable before `latest` moves
+    return h.hexdigest()
+
+
+def write_record(checkpoint_dir: str | Path, tag: str, world_size: int, config: ResISTConfig, *,
+                 mark_latest: bool = True) -> Path:
+    """Rank 0, after every rank has written its files: the JSON record of the run with the
+    manifest of the tag's files (size, SHA-256), then ``latest`` (both atomic)."""
+    where = Path(checkpoint_dir) / str(tag)
+    files = {p.relative_to(where).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(where.rglob("*")) if p.is_file() and p.name != RECORD_FILE and not p.name.endswith(".tmp")}
+    record = {"world_size": world_size, "resist": config.model_dump(mode="json"), "files": files}
+    path = atomic_write_json(where / RECORD_FILE, record)
+    if mark_latest:
+        atomic_write_text(Path(checkpoint_dir) / "latest", str(tag))
+    return path
+
+
+def _record(checkpoint_dir: str | Path, tag: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads((Path(checkpoint_dir) / str(tag) / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def is_complete(checkpoint_dir: str | Path, tag: str) -> bool:
+    """The tag's manifest exists and every file it lists is present with its size."""
+    record = _record(checkpoint_dir, tag)
+    where = Path(checkpoint_dir) / str(tag)
+    return record is not None and all((where / name).is_file() and (where / name).stat().st_size == meta.get("bytes")
+                                      for name, meta in record["files"].items())
+
+
+def _tags(checkpoint_dir: str | Path) -> list[str]:
+    """Complete tags, oldest first (by the time their manifest was written)."""
+    root = Path(checkpoint_dir)
+    found = [d for d in root.iterdir() if d.is_dir() and is_complete(root, d.name)] if root.is_dir() else []
+    return [d.name for d in sorted(found, key=lambda d: ((d / RECORD_FILE).stat().st_mtime_ns, d.name))]
+
+
+def resume_tag(checkpoint_dir: str | Path) -> tuple[str, str | None]:
+    """The newest complete checkpoint: ``(tag, note)``, the note saying why ``latest`` was passed over."""
+    root = Path(checkpoint_dir)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if latest is not None and is_complete(root, latest):
+        return latest, None
+    tags = _tags(root)
+    if not tags:
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir} (no 'latest' file)")
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} ('latest' names {latest}, whose save did not finish)")
+    why = "there is no 'latest' file" if latest is None else f"checkpoint {latest} is incomplete (its save was interrupted)"
+    return tags[-1], f"{why}; resuming from {root / tags[-1]}, the newest complete checkpoint"
+
+
+def verify_files(checkpoint_dir: str | Path, tag: str, names: list[str] | None = None) -> None:
+    """Compare files of a complete tag with its manifest; a damaged one is refused by name."""
+    record = _record(checkpoint_dir, tag)
+    where = Path(checkpoint_dir) / str(tag)
+    if record is None:
+        raise ValueError(f"checkpoint {where} has no file manifest in {RECORD_FILE}: its save did not finish")
+    for name, meta in record["files"].items():
+        if names is not None and name not in names:
+            continue
+        path = where / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint file missing: {path}")
+        if path.stat().st_size != meta.get("bytes") or _sha256(path) != meta.get("sha256"):
+            raise ValueError(f"checkpoint file damaged: {path} (its SHA-256 differs from the one recorded when it was saved)")
+
+
+def prune(checkpoint_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` complete checkpoints (never ``latest``); returns the removed tags.
+    Incomplete tags older than the newest complete one (interrupted saves) go too."""
+    root = Path(checkpoint_dir)
+    tags = _tags(root)
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    doomed = [t for t in tags[:-keep] if t != latest] if keep > 0 else []
+    if tags:
+        newest = (root / tags[-1] / RECORD_FILE).stat().st_mtime_ns
+        doomed += [d.name for d in root.iterdir() if d.is_dir() and d.name not in tags and d.name != latest
+                   and d.stat().st_mtime_ns < newest]
+    for t in doomed:
+        shutil.rmtree(root / t, ignore_errors=True)
+    return doomed
 
 
 def load_rank_state(checkpoint_dir: str | Path, tag: str, rank: int) -> dict[str, Any]:
@@ -59,6 +156,16 @@ def load_rank_state(checkpoint_dir: str | Path, tag: str, rank: int) -> dict[str
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, damaged or foreign
         raise ValueError(f"cannot read the ResIST rank file {path}: {e}") from None
+
+
+def check_plain_tensors(where: Path) -> None:
+    """Every ``.pt`` file of a tag loads as tensors and plain values: a pickle that would run
+    code (or build any other object) is refused by name before DeepSpeed's loader sees it."""
+    for path in sorted(Path(where).glob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ValueError(f"refusing to load {path}: it is not tensors and plain values only ({str(e).splitlines()[0]})") from None
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ written, is DeepSpeed's engine's (``engine.train()``, ``engine.gradient_accumula
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -225,25 +226,37 @@ class ResISTEngine:
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None, **kwargs: Any) -> bool:
         """DeepSpeed's checkpoint (ResIST state in ``client_state["resist"]``) plus one file per
-        rank and a JSON record (:mod:`resist_det.resist.checkpoint`).  Collective."""
+        rank and a JSON record with every file's checksum (:mod:`resist_det.resist.checkpoint`).
+        ``latest`` moves only once all of it is on disk.  Collective."""
         inner = self.deepspeed_engine
         tag = str(tag) if tag is not None else f"global_step{inner.global_steps}"
         client_state = {**(client_state or {}), "resist": self.state_dict()}
-        ok = inner.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, **kwargs)
+        mark_latest = kwargs.pop("save_latest", True)
+        ok = inner.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False, **kwargs)
         if self.config.mode != "ddp":
             own: dict[str, Any] = {"resist": self.state_dict()}
             if self.rank != 0:  # rank 0's sub-network and optimizer are in DeepSpeed's own files already
                 own.update(module=inner.module.state_dict(), optimizer=inner.optimizer.state_dict())
             ckpt.save_rank_state(save_dir, tag, self.rank, own)
+        dist.barrier()  # every rank's files are written
         if self.rank == 0:
-            ckpt.write_record(save_dir, tag, self.world_size, self.config)
+            ckpt.write_record(save_dir, tag, self.world_size, self.config, mark_latest=mark_latest)
         dist.barrier()
         return ok
 
     def load_checkpoint(self, load_dir: str | Path, tag: str | None = None, **kwargs: Any) -> tuple[Any, Any]:
-        """Inverse of :meth:`save_checkpoint`; returns DeepSpeed's ``(path, client_state)``."""
-        tag = tag if tag is not None else ckpt.latest_tag(load_dir)
+        """Inverse of :meth:`save_checkpoint`; returns DeepSpeed's ``(path, client_state)``.
+
+        Without ``tag``: the newest complete checkpoint.  Every file is checked against its
+        recorded checksum, and DeepSpeed's files must load as tensors and plain values
+        (``weights_only=True``) before DeepSpeed's own loader, which would run code, reads them."""
+        if tag is None:
+            tag, note = ckpt.resume_tag(load_dir)
+            if note and self.rank == 0:
+                print(f"resist_det: {note}", file=sys.stderr, flush=True)
         ckpt.check_checkpoint(load_dir, tag, self.world_size, self.config)  # before anything is loaded
+        ckpt.verify_files(load_dir, tag)
+        ckpt.check_plain_tensors(Path(load_dir) / str(tag))
         own = ckpt.load_rank_state(load_dir, tag, self.rank) if self.config.mode != "ddp" else None
         if own is not None:
             # First the structure: a checkpoint taken after the warm-up holds only this rank's

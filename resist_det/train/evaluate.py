@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config import load_recipe
+from ..io import tensor_checksums
 from .loop import GLOBAL_MODEL_FILE
 from .tasks import build_task
 
@@ -31,8 +32,13 @@ def load_global_model(checkpoint: str | Path) -> tuple[dict[str, Any], Any]:
     except Exception as e:  # a truncated or foreign file
         raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({e})") from None
     for key in ("model", "recipe"):
-        if key not in saved:
+        if not isinstance(saved, dict) or key not in saved:
             raise ValueError(f"--checkpoint: {path} has no {key!r} entry; not a resist_det global model")
+    if "sha256" in saved:  # (global models written before checksums were added have none)
+        bad = sorted(k for k, h in tensor_checksums(saved["model"]).items() if saved["sha256"].get(k) != h)
+        if bad or saved["sha256"].keys() != saved["model"].keys():
+            raise ValueError(f"--checkpoint: {path} is damaged: tensors {', '.join(bad[:5]) or '(missing)'} differ from "
+                             "their checksums recorded when it was saved")
     return saved, load_recipe(saved["recipe"])
 
 

@@ -37,12 +37,16 @@ def recipe_path(name: str | Path) -> Path:
 
 def check_resume(recipe: Recipe, world_size: int) -> str:
     """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
-    from ..resist.checkpoint import check_checkpoint, latest_tag
+    from ..resist.checkpoint import check_checkpoint, check_plain_tensors, resume_tag, verify_files
 
     ckpt = Path(recipe.train.output_dir) / "checkpoints"
     try:
-        tag = latest_tag(ckpt)
+        tag, note = resume_tag(ckpt)
+        if note:
+            print(f"--resume: {note}", file=sys.stderr)
         check_checkpoint(ckpt, tag, world_size, recipe.resist)
+        verify_files(ckpt, tag)
+        check_plain_tensors(ckpt / tag)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"--resume: {e}") from None
     saved = Path(recipe.train.output_dir) / "recipe.json"

@@ -7,7 +7,9 @@ sync), so evaluation of the assembled global network and checkpoints see agreein
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import resource
 import socket
@@ -23,7 +25,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..config import Recipe
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, tensor_checksums
+from ..resist.checkpoint import prune
 from .metrics import MetricsLog, Progress
 from .schedule import learning_rate
 from .tasks import build_task
@@ -37,8 +40,10 @@ def checkpoint_dir(recipe: Recipe) -> Path:
     return Path(recipe.train.output_dir) / "checkpoints"
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group, or make a one-process group when run alone."""
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-process group when run alone.
+
+    ``timeout_minutes`` bounds how long a collective waits for a lost peer (``train.comm_timeout_minutes``)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python tools/train.py`: a world of one
@@ -47,7 +52,8 @@ def init_distributed() -> tuple[int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     return tdist.get_rank(), tdist.get_world_size()
 
 
@@ -120,6 +126,8 @@ def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dic
             summary = record
         if epoch == recipe.train.epochs - 1 or (epoch + 1) % recipe.train.checkpoint_every == 0:
             run.engine.save_checkpoint(checkpoint_dir(recipe), tag=f"epoch{epoch:04d}", client_state={"epoch": epoch, "wall": wall})
+            if run.rank == 0:
+                prune(checkpoint_dir(recipe), recipe.train.keep_checkpoints)
         tdist.barrier()
         t_start += _eval_time(record)
     bar.close()
@@ -134,7 +142,7 @@ def setup(recipe: Recipe) -> Run:
     """Join the process group; build the task, the engine (``resist_det.initialize``) and the loader."""
     import resist_det
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(recipe.train.comm_timeout_minutes)
     torch.manual_seed(recipe.train.seed)
     task = build_task(recipe)
     model = task.make_model("meta" if recipe.resist.mode == "resist" else None)
@@ -165,6 +173,8 @@ def open_log(run: Run, start_epoch: int) -> None:
         return
     if start_epoch == 0:
         (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    else:  # drop what was logged after the checkpoint resumed from: those epochs are trained again
+        run.log.truncate_after(start_epoch)
     atomic_write_json(run.out / "recipe.json", run.recipe.model_dump(mode="json"))
     if start_epoch == 0:
         run.log.write(event="start", mode=run.recipe.resist.mode, world_size=run.world, steps_per_epoch=run.steps_per_epoch,
@@ -209,7 +219,12 @@ def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[s
     ``bytes``: what the engines accounted, summed over ranks; ``wire_bytes`` (when the ranks talk
     over a named NIC, ``GLOO_SOCKET_IFNAME``): what those NICs sent since training began, headers,
     acknowledgements and this loop's own monitoring reductions included."""
-    record = dict(event="epoch", epoch=epoch, train_loss=_sum_over_ranks(train_loss) / run.world,
+    mean_loss = _sum_over_ranks(train_loss) / run.world  # collective: every rank sees the same value
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(
+            f"the training loss is {mean_loss} in epoch {epoch + 1}: the run diverged, and this epoch is not "
+            "checkpointed; lower the learning rate (deepspeed.optimizer.params.lr) or set deepspeed.gradient_clipping")
+    record = dict(event="epoch", epoch=epoch, train_loss=mean_loss,
                   round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
                   sync_seconds=_max_over_ranks(run.engine.sync_seconds),
                   memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
@@ -242,7 +257,9 @@ def _eval_time(record: dict[str, Any]) -> float:
 
 def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any]) -> None:
     """The global network (residual scales folded into its weights) with its recipe; ``resist-det eval`` reads it."""
-    atomic_torch_save({"model": net.state_dict(), "recipe": recipe.model_dump(mode="json"), "epoch": epoch, "metrics": metrics}, path)
+    state = net.state_dict()
+    atomic_torch_save({"model": state, "sha256": tensor_checksums(state), "recipe": recipe.model_dump(mode="json"),
+                       "epoch": epoch, "metrics": metrics}, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io import standard_json
+
 __all__ = ["MetricsLog", "Progress", "read_metrics", "human_bytes"]
 
 
@@ -35,12 +37,27 @@ class MetricsLog:
             except ImportError:  # TensorBoard is optional
                 self._tb = None
 
+    def truncate_after(self, epoch: int) -> None:
+        """Keep only records of epochs before ``epoch`` (and those without one), atomically."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from ..io import atomic_write_text
+
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", -1) < epoch:
+                    kept.append(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         record.setdefault("time", time.time())
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+            f.write(json.dumps(standard_json(record), default=float, allow_nan=False) + "\n")
         if self._tb is not None and record.get("event") == "epoch":
             step = record["epoch"]
             for k in ("train_loss", "bytes", "wall"):

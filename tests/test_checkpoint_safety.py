@@ -1,0 +1,108 @@
+"""Files a user points the CLI at never run code; damaged checkpoints are refused by name."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distributed import run_on_ranks
+from helpers import write_idx
+from resist_det.cli import app
+from test_train import _recipe, _train_rank
+
+
+class _Payload:
+    """What a malicious pickle carries: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rewrite_manifest(tag_dir):
+    """What an attacker would do: make the manifest agree with the planted file."""
+    record = json.loads((tag_dir / "resist.json").read_text())
+    for name in record["files"]:
+        record["files"][name] = {"bytes": (tag_dir / name).stat().st_size, "sha256": _sha(tag_dir / name)}
+    (tag_dir / "resist.json").write_text(json.dumps(record))
+
+
+def _flip(path, n=4096):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("safety")
+    write_idx(tmp / "fmnist")
+    recipe = _recipe(tmp, "run")
+    recipe["train"]["epochs"] = 1
+    run_on_ranks(_train_rank, 2, tmp / "ranks", recipe, False, timeout=300)
+    path = tmp / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    return tmp, path
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_global_model_loads_without_code_and_damage_or_payload_is_refused(trained, tmp_path):
+    tmp, _ = trained
+    model = tmp / "run" / "global_model.pt"
+    saved = torch.load(model, weights_only=True)  # plain tensors and values
+    assert saved["sha256"].keys() == saved["model"].keys()
+    original = model.read_bytes()
+    marker = tmp_path / "pwned"
+    try:
+        _flip(model)
+        result = _cli("eval", "--checkpoint", tmp / "run")
+        assert result.exit_code == 1 and str(model) in result.output and "Traceback" not in result.output
+        torch.save({"model": _Payload(marker), "recipe": {}}, model)
+        for args in (("eval", "--checkpoint", tmp / "run"), ("export", tmp / "run", "--out", tmp_path / "m.pt"),
+                     ("plot", tmp / "run", "--out", tmp_path / "p.png")):
+            result = _cli(*args)
+            assert not marker.exists(), args  # nothing executed
+            if args[0] != "plot":  # (plot reads metrics.jsonl only)
+                assert result.exit_code == 1 and str(model) in result.output, args
+    finally:
+        model.write_bytes(original)
+
+
+@pytest.mark.parametrize("victim", ["resist_rank01.pt", "mp_rank_00_model_states.pt"])
+def test_resume_refuses_a_damaged_or_planted_checkpoint_file(trained, tmp_path, victim):
+    tmp, recipe = trained
+    tag_dir = tmp / "run" / "checkpoints" / "epoch0000"
+    path = tag_dir / victim
+    original, record = path.read_bytes(), (tag_dir / "resist.json").read_text()
+    marker = tmp_path / "pwned"
+    try:
+        _flip(path)
+        result = _cli("train", recipe, "--nproc", "2", "--resume")
+        assert result.exit_code == 1 and f"damaged: {path}" in result.output and "Traceback" not in result.output
+        torch.save({"module": _Payload(marker)}, path)
+        _rewrite_manifest(tag_dir)  # the checksums agree: only the loader's own check stands
+        result = _cli("train", recipe, "--nproc", "2", "--resume")
+        assert result.exit_code == 1 and f"refusing to load {path}" in result.output, result.output
+        assert not marker.exists()
+        # The same checks guard the ranks' own loader (torchrun / deepspeed launch paths).
+        from resist_det.resist.checkpoint import check_plain_tensors
+
+        with pytest.raises(ValueError, match="refusing to load"):
+            check_plain_tensors(tag_dir)
+        assert not marker.exists()
+    finally:
+        path.write_bytes(original)
+        (tag_dir / "resist.json").write_text(record)

@@ -1,0 +1,65 @@
+"""A lost rank turns into an error within the recipe's communication timeout, not a hang."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import write_idx
+from test_train import _recipe
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The training process of ``rank`` whose command line holds ``marker``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmd and "resist_det.train" in cmd and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
+    write_idx(tmp_path / "fmnist", n_train=512)
+    recipe = _recipe(tmp_path, "run")
+    recipe["resist"]["local_steps"] = 4
+    recipe["train"].update(epochs=50, comm_timeout_minutes=0.25)  # 15 s
+    path = tmp_path / "frozen_recipe.json"
+    path.write_text(json.dumps(recipe))
+    cmd = [sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    stopped = None
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(json.loads(line).get("event") == "epoch" for line in metrics.read_text().splitlines()):
+                stopped = _rank_pid(str(path), 1)
+                if stopped:
+                    break
+            time.sleep(0.5)
+        assert stopped, "training did not start"
+        os.kill(stopped, signal.SIGSTOP)  # frozen, as a partitioned or hung machine: no connection closes
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+        waited = time.monotonic() - t0
+        assert proc.returncode != 0
+        assert waited < 15 + 45, waited  # the timeout plus the launcher's teardown; not 30 minutes
+        assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+    finally:
+        if stopped:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
