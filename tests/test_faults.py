@@ -63,3 +63,36 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_sigterm_to_the_cli_stops_the_launcher_and_every_rank(tmp_path):
+    write_idx(tmp_path / "fmnist", n_train=512)
+    recipe = _recipe(tmp_path, "run")
+    recipe["train"]["epochs"] = 50
+    path = tmp_path / "sigterm_recipe.json"
+    path.write_text(json.dumps(recipe))
+    cmd = [sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (metrics.is_file() and "step" in metrics.read_text()):
+            time.sleep(0.5)
+        ranks = [_rank_pid(str(path), r) for r in (0, 1)]
+        assert all(ranks), "training did not start"
+        os.kill(proc.pid, signal.SIGTERM)  # what a scheduler sends, to the CLI only
+        proc.wait(timeout=60)
+        time.sleep(1)
+        alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        assert not alive and _rank_pid(str(path), 0) is None and _rank_pid(str(path), 1) is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,4 +93,22 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
     if not progress:
         cmd.append("--no-progress")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    return subprocess.call(cmd, env=env)
+    return _run_forwarding_signals(cmd, env)
+
+
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher and wait for it; SIGTERM / SIGINT / SIGHUP to this process go to the
+    launcher once (it stops its ranks), and this process waits for it: no orphans.  The launcher
+    has its own session, so a terminal's Ctrl-C reaches it through here only, once."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
