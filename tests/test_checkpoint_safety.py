@@ -106,3 +106,37 @@ def test_resume_refuses_a_damaged_or_planted_checkpoint_file(trained, tmp_path, 
     finally:
         path.write_bytes(original)
         (tag_dir / "resist.json").write_text(record)
+
+
+def test_torchrun_resume_refuses_a_changed_recipe_and_keeps_recipe_json(trained):
+    import subprocess
+    import sys
+
+    tmp, recipe = trained
+    saved = (tmp / "run" / "recipe.json").read_text()
+    from distributed import _free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "resist_det.train", str(recipe), "--resume", "--no-progress",
+           "--set", "deepspeed.optimizer.params.lr=0.2", "--set", "train.epochs=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("the recipe differs from the one the checkpoint was trained with (deepspeed.optimizer)") == 1, out.stderr[-2000:]
+    # one line from the ranks, no traceback of ours (torchrun adds its own ChildFailedError summary)
+    assert not [line for line in out.stderr.splitlines() if line.strip().startswith("File") and "resist_det" in line]
+    assert (tmp / "run" / "recipe.json").read_text() == saved
+
+
+def test_a_moved_run_directory_resumes(trained, tmp_path):
+    import shutil
+
+    tmp, recipe = trained
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp / "run", moved)
+    result = _cli("train", recipe, "--nproc", "2", "--resume", "--no-progress",
+                  "--set", f'train.output_dir="{moved}"', "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line)["epoch"] for line in (moved / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "epoch"]
+    assert epochs == [0, 1]
+    assert (moved / "checkpoints" / "latest").read_text().strip() == "epoch0001"

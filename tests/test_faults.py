@@ -96,3 +96,20 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    from resist_det.train.run_lock import RunLock
+
+    with RunLock(tmp_path) as lock:
+        assert lock.path.is_file()
+        import pytest
+
+        with pytest.raises(ValueError, match=rf"train.output_dir {tmp_path} is in use by another run \(pid {os.getpid()}"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / ".resist_det.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".resist_det.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": "then"}))
+    with RunLock(tmp_path):  # its holder died: taken over
+        assert json.loads((tmp_path / ".resist_det.lock").read_text())["pid"] == os.getpid()

@@ -138,7 +138,7 @@ def test_resume_refuses_other_world_size_or_recipe(recipe_file, tmp_path):
     from resist_det.config import load_recipe
 
     saved = load_recipe(recipe_file).resist.model_dump(mode="json")
-    (ckpt / "epoch0000" / "resist.json").write_text(json.dumps({"world_size": 2, "resist": {**saved, "local_steps": 9}}))
+    (ckpt / "epoch0000" / "resist.json").write_text(json.dumps({"world_size": 2, "resist": {**saved, "local_steps": 9}, "files": {}}))
     before = _snapshot(tmp_path / "run")
     result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "3", "--resume"])
     assert result.exit_code == 1 and "written by 2 ranks, but this run has 3" in result.output

@@ -36,6 +36,25 @@ def recipe_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"recipe not found: {name} (shipped recipes: {names})")
 
 
+# Keys a resume may change: more epochs, and where the run directory now lives.
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "output_dir")}
+
+
+def check_same_recipe(recipe: Recipe) -> None:
+    """Refuse to resume with a recipe whose keys differ from the run's ``recipe.json``, naming them."""
+    saved = Path(recipe.train.output_dir) / "recipe.json"
+    if not saved.is_file():
+        return
+    old = json.loads(saved.read_text())
+    new = recipe.model_dump(mode="json")
+    changed = sorted(
+        f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))
+        if isinstance(new[sec], dict) and new[sec].get(k) != old.get(sec, {}).get(k) and (sec, k) not in RESUMABLE_KEYS
+    )
+    if changed:
+        raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
+
+
 def check_resume(recipe: Recipe, world_size: int) -> str:
     """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
     from ..resist.checkpoint import check_checkpoint, check_plain_tensors, resume_tag, verify_files
@@ -50,17 +69,7 @@ def check_resume(recipe: Recipe, world_size: int) -> str:
         check_plain_tensors(ckpt / tag)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"--resume: {e}") from None
-    saved = Path(recipe.train.output_dir) / "recipe.json"
-    if saved.is_file():
-        old = json.loads(saved.read_text())
-        new = recipe.model_dump(mode="json")
-        changed = sorted(
-            f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))
-            if isinstance(new[sec], dict) and new[sec].get(k) != old.get(sec, {}).get(k)
-            and (sec, k) not in {("train", "epochs")}
-        )
-        if changed:
-            raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
+    check_same_recipe(recipe)
     return tag
 
 

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..config import Recipe
 from ..io import atomic_torch_save, atomic_write_json, tensor_checksums
 from ..resist.checkpoint import prune
+from .run_lock import RunLock
 from .metrics import MetricsLog, Progress
 from .schedule import learning_rate
 from .tasks import build_task
@@ -109,6 +110,22 @@ class Run:
 def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
     """Train ``recipe`` on this process's rank; returns the final summary on rank 0."""
     run = setup(recipe)
+    lock, refused = RunLock(run.out), None
+    if run.rank == 0:
+        try:
+            lock.acquire()
+        except ValueError as e:
+            refused = e
+    if _max_over_ranks(refused is not None):  # collective: every rank stops together
+        raise refused or ValueError(f"rank 0 could not lock train.output_dir {run.out}")
+    try:
+        return _train(run, resume, progress)
+    finally:
+        lock.release()
+
+
+def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:
+    recipe = run.recipe
     start_epoch, wall_before = resume_from_checkpoint(run) if resume else (0, 0.0)
     open_log(run, start_epoch)
     bar = Progress(recipe.train.epochs, run.steps_per_epoch, enabled=progress and run.rank == 0, start_epoch=start_epoch)
@@ -161,7 +178,13 @@ def setup(recipe: Recipe) -> Run:
 
 
 def resume_from_checkpoint(run: Run) -> tuple[int, float]:
-    """Load the latest checkpoint; returns (first epoch to train, wall time already spent)."""
+    """Load the latest complete checkpoint; returns (first epoch to train, wall time already spent).
+
+    The recipe check runs here too, so torchrun and deepspeed launches refuse a changed recipe
+    exactly as ``resist-det train --resume`` does (before ``recipe.json`` is rewritten)."""
+    from .launch import check_same_recipe
+
+    check_same_recipe(run.recipe)
     _, client = run.engine.load_checkpoint(checkpoint_dir(run.recipe))
     return client["epoch"] + 1, client["wall"]
 
@@ -280,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(recipe, resume=args.resume, progress=not args.no_progress)
+    try:
+        train(recipe, resume=args.resume, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, not a traceback per rank
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -1,0 +1,71 @@
+"""One run per output directory: a lock file that rank 0 holds while it trains.
+
+Two runs writing the same ``train.output_dir`` would interleave checkpoints and logs.  The lock
+records the holder's host and PID; a lock whose process is gone (a crash) is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+__all__ = ["RunLock"]
+
+LOCK_FILE = ".resist_det.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """``with RunLock(output_dir):`` — refuses (ValueError naming the holder) when another live run holds it."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.path = Path(out) / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)  # left by a run that died: take it over
+                    continue
+                raise ValueError(
+                    f"train.output_dir {self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, since {holder.get('since')}); choose another output_dir, or delete "
+                    f"{self.path} if that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise ValueError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
