@@ -51,12 +51,15 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the recipe's output_dir.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3.")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0.")] = True,
+    max_restarts: Annotated[int, typer.Option(min=0, help="Restart all ranks this many times after a failure, "
+                                              "each time from the newest complete checkpoint (torchrun's elastic agent).")] = 0,
 ) -> None:
     """Train a recipe on N local ranks (CPU: gloo, GPU: NCCL), or on this rank inside a launcher."""
     from .train.launch import launch
 
     try:
-        code = launch(recipe, nproc=nproc, resume=resume, overrides=_overrides(set_), progress=progress)
+        code = launch(recipe, nproc=nproc, resume=resume, overrides=_overrides(set_), progress=progress,
+                      max_restarts=max_restarts)
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     raise typer.Exit(code=code)

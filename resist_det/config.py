@@ -68,7 +68,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=1, description="evaluate the global network every N epochs (and at the end)")
     checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="keep the newest N complete checkpoints; older ones are deleted")
-    comm_timeout_minutes: float = Field(5.0, gt=0, description="a collective that waits longer than this on a lost or "
+    comm_timeout_minutes: float = Field(15.0, gt=0, description="a collective that waits longer than this on a lost or "
                                         "stalled rank fails with an error instead of hanging (PyTorch's default: 30)")
     log_every: int = Field(10, ge=1, description="log the training loss every N steps")
     output_dir: str = Field("runs/run", description="checkpoints, metrics.jsonl and the resolved recipe go here")

@@ -113,3 +113,42 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     (tmp_path / ".resist_det.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": "then"}))
     with RunLock(tmp_path):  # its holder died: taken over
         assert json.loads((tmp_path / ".resist_det.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
+    """SIGKILL of one rank mid-run under --max-restarts 1: torchrun restarts every rank, they
+    resume from the newest complete checkpoint (--resume auto), and the final weights equal
+    an uninterrupted run's."""
+    import torch
+
+    write_idx(tmp_path / "fmnist", n_train=256)
+    paths = {}
+    for name in ("clean", "killed"):
+        recipe = _recipe(tmp_path, name)
+        recipe["train"]["epochs"] = 4
+        paths[name] = tmp_path / f"{name}_recipe.json"
+        paths[name].write_text(json.dumps(recipe))
+    base = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress"]
+    subprocess.run([*base, str(paths["clean"])], check=True, timeout=300, capture_output=True)
+    proc = subprocess.Popen([*base, "--max-restarts", "1", str(paths["killed"])], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        latest = tmp_path / "killed" / "checkpoints" / "latest"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (latest.is_file() and latest.read_text().strip() == "epoch0001"):
+            time.sleep(0.2)
+        victim = _rank_pid(str(paths["killed"]), 1)
+        assert victim, "training did not reach epoch 2"
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    a = torch.load(tmp_path / "clean" / "global_model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "global_model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["event"] == "epoch"]
+    assert epochs == [0, 1, 2, 3]  # the epoch cut short is logged once, after the restart

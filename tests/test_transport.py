@@ -195,3 +195,43 @@ def test_sparse_average_conserves_the_mean_and_keeps_replicas_identical(tmp_path
         owner_old = owner_new
         # bytes: two stages of (world - 1) messages of k indices and k values
         assert all(r[t]["sent"] == 2 * (world - 1) * (4 * k + codec.encoded_size(k)) for r in res)
+
+
+def _engine_topk(rank, world):
+    import resist_det
+    from helpers import shared_snapshot
+
+    out = {}
+    for mode in ("resist", "local_sgd"):
+        cfg = ds_config(lr=0.05, sgd_momentum=0.9, local_steps=10**6, min_blocks=3, seed=2, mode=mode,
+                        compression={"topk": 0.25})
+        engine, *_ = resist_det.initialize(model=preact_net(seed=1, device="meta" if mode == "resist" else None), config=cfg)
+        gen = torch.Generator().manual_seed(rank)
+        rounds = []
+        for _ in range(3):
+            train_steps(engine, 2, gen)
+            before = shared_snapshot(engine)
+            engine.synchronize()
+            rounds.append((before, shared_snapshot(engine)))
+        out[mode] = (rounds, sorted(engine.strategy.sparse.states))
+    return out
+
+
+def test_engine_topk_sparsifies_weights_and_averages_bn_statistics_exactly(tmp_path):
+    """Weights travel as top-k deltas; BN running statistics (which move towards a target inside
+    a round, so error feedback would overshoot) are averaged densely: exactly, in fp32."""
+    ranks = run_on_ranks(_engine_topk, 3, tmp_path, timeout=240)
+    for mode in ("resist", "local_sgd"):
+        for t in range(3):
+            after = ranks[0][mode][0][t][1]
+            for name in after:
+                assert all(torch.equal(r[mode][0][t][1][name], after[name]) for r in ranks), (mode, name)
+            stats = [n for n in after if n.endswith(("running_mean", "running_var"))]
+            assert stats
+            for n in stats:
+                mean = torch.stack([r[mode][0][t][0][n] for r in ranks]).mean(0)
+                assert torch.allclose(after[n], mean, atol=1e-6), (mode, n)
+                if n.endswith("running_var"):
+                    assert bool((after[n] > 0).all())
+        # one sparse state: the weights' bucket (buffers are not in it)
+        assert len(ranks[0][mode][1]) == 1, ranks[0][mode][1]

@@ -66,13 +66,13 @@ def _sha256(path: Path) -> str:
 
 
 def write_record(checkpoint_dir: str | Path, tag: str, world_size: int, config: ResISTConfig, *,
-                 mark_latest: bool = True) -> Path:
+                 mark_latest: bool = True, step: int | None = None) -> Path:
     """Rank 0, after every rank has written its files: the JSON record of the run with the
     manifest of the tag's files (size, SHA-256), then ``latest`` (both atomic)."""
     where = Path(checkpoint_dir) / str(tag)
     files = {p.relative_to(where).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(where.rglob("*")) if p.is_file() and p.name != RECORD_FILE and not p.name.endswith(".tmp")}
-    record = {"world_size": world_size, "resist": config.model_dump(mode="json"), "files": files}
+    record = {"world_size": world_size, "resist": config.model_dump(mode="json"), "step": step, "files": files}
     path = atomic_write_json(where / RECORD_FILE, record)
     if mark_latest:
         atomic_write_text(Path(checkpoint_dir) / "latest", str(tag))
@@ -84,7 +84,10 @@ def _record(checkpoint_dir: str | Path, tag: str) -> dict[str, Any] | None:
         record = json.loads((Path(checkpoint_dir) / str(tag) / RECORD_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+    if not isinstance(record, dict) or "world_size" not in record:
+        return None
+    record.setdefault("files", None)  # written before manifests existed: complete, but nothing to verify
+    return record
 
 
 def is_complete(checkpoint_dir: str | Path, tag: str) -> bool:
@@ -92,14 +95,18 @@ def is_complete(checkpoint_dir: str | Path, tag: str) -> bool:
     record = _record(checkpoint_dir, tag)
     where = Path(checkpoint_dir) / str(tag)
     return record is not None and all((where / name).is_file() and (where / name).stat().st_size == meta.get("bytes")
-                                      for name, meta in record["files"].items())
+                                      for name, meta in (record["files"] or {}).items())
 
 
 def _tags(checkpoint_dir: str | Path) -> list[str]:
     """Complete tags, oldest first (by the time their manifest was written)."""
     root = Path(checkpoint_dir)
     found = [d for d in root.iterdir() if d.is_dir() and is_complete(root, d.name)] if root.is_dir() else []
-    return [d.name for d in sorted(found, key=lambda d: ((d / RECORD_FILE).stat().st_mtime_ns, d.name))]
+    def order(d: Path) -> tuple:  # the training step when saved (copies keep it; mtimes they may not), then time
+        step = (_record(root, d.name) or {}).get("step")
+        return (step if isinstance(step, int) else -1, (d / RECORD_FILE).stat().st_mtime_ns, d.name)
+
+    return [d.name for d in sorted(found, key=order)]
 
 
 def resume_tag(checkpoint_dir: str | Path) -> tuple[str, str | None]:
@@ -123,7 +130,7 @@ def verify_files(checkpoint_dir: str | Path, tag: str, names: list[str] | None =
     where = Path(checkpoint_dir) / str(tag)
     if record is None:
         raise ValueError(f"checkpoint {where} has no file manifest in {RECORD_FILE}: its save did not finish")
-    for name, meta in record["files"].items():
+    for name, meta in (record["files"] or {}).items():
         if names is not None and name not in names:
             continue
         path = where / name

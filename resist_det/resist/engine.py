@@ -240,7 +240,7 @@ class ResISTEngine:
             ckpt.save_rank_state(save_dir, tag, self.rank, own)
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
-            ckpt.write_record(save_dir, tag, self.world_size, self.config, mark_latest=mark_latest)
+            ckpt.write_record(save_dir, tag, self.world_size, self.config, mark_latest=mark_latest, step=inner.global_steps)
         dist.barrier()
         return ok
 

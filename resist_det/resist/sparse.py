@@ -63,10 +63,12 @@ class SparseAverager:
         ``key`` names the bucket (the same tensors each round); a new key starts with a dense sync."""
         state = self.states.get(key)
         n = flat.numel()
+        if n == 0:
+            return 0
         shard = -(-n // world)
         if state is None:
             sent = compressed_average(flat, self.codec, exchange, rank, world, generator)
-            self.states[key] = _BucketState(flat.clone(), torch.zeros(n), torch.zeros(shard))
+            self.states[key] = _BucketState(flat.clone(), torch.zeros_like(flat), flat.new_zeros(shard))
             return sent
         k = max(1, math.ceil(self.topk * shard))
         size = sparse_message_size(k, self.codec)
@@ -80,7 +82,7 @@ class SparseAverager:
                 idx, values, message = self._select(delta[j], k, generator)
                 residual[j].index_add_(0, idx, -values)
                 sends.append((message, j, j))
-        recvs = [(torch.empty(size, dtype=torch.uint8), j, rank) for j in range(world) if j != rank]
+        recvs = [(torch.empty(size, dtype=torch.uint8, device=flat.device), j, rank) for j in range(world) if j != rank]
         sent = exchange(sends, recvs)
         total = delta[rank].clone()
         for buf, _, _ in recvs:
@@ -90,9 +92,9 @@ class SparseAverager:
         state.owner_residual = mean.index_add_(0, idx, -values)
         # stage 2: everyone gets every owner's sparse mean
         sends = [(mine, j, world + rank) for j in range(world) if j != rank]
-        recvs = [(torch.empty(size, dtype=torch.uint8), j, world + j) for j in range(world) if j != rank]
+        recvs = [(torch.empty(size, dtype=torch.uint8, device=flat.device), j, world + j) for j in range(world) if j != rank]
         sent += exchange(sends, recvs)
-        update = torch.zeros(world, shard)
+        update = flat.new_zeros(world, shard)
         update[rank].index_add_(0, idx, values)
         for buf, j, _ in recvs:
             update[j].index_add_(0, *self._decode(buf, k))
@@ -111,6 +113,10 @@ class SparseAverager:
     def _decode(self, buf: Tensor, k: int) -> tuple[Tensor, Tensor]:
         idx = buf[: 4 * k].clone().view(torch.int32).long()
         return idx, self.codec.decode(buf[4 * k:], k)
+
+    def keep_only(self, prefix: str) -> None:
+        """Drop the states of buckets whose key does not start with ``prefix`` (no longer averaged)."""
+        self.states = {k: v for k, v in self.states.items() if k.startswith(prefix)}
 
     def state_dict(self) -> dict[str, Tensor]:
         """Baselines and residuals, for a resume checkpoint (tensors only)."""

@@ -15,6 +15,7 @@ A strategy sees the module and optimizer of DeepSpeed's engine; the engine
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,8 +96,21 @@ class Strategy:
         return out
 
     def _average(self, tensors: list[torch.Tensor]) -> int:
-        return average_tensors(tensors, bucket_bytes=int(self.config.bucket_mb * 2**20), codec=self.codec,
-                               generator=self.rounding, sparse=self.sparse)
+        bucket = int(self.config.bucket_mb * 2**20)
+        sparse = self.sparse
+        if sparse is None:
+            return average_tensors(tensors, bucket_bytes=bucket, codec=self.codec, generator=self.rounding)
+        # Top-k with error feedback suits trainable weights, whose changes add up over rounds.  BN
+        # statistics and optimizer moments move towards a target within each round (residuals of
+        # those would pile up and overshoot), so they travel dense (quantised with ``bits``).
+        names = {p.data_ptr(): n for n, p in self.module.named_parameters() if p.requires_grad}
+        weights = [t for t in tensors if names.get(t.data_ptr()) is not None]
+        rest = [t for t in tensors if names.get(t.data_ptr()) is None]
+        key = hashlib.sha256("\0".join(names[t.data_ptr()] for t in weights).encode()).hexdigest()[:16]
+        sent = average_tensors(weights, bucket_bytes=1 << 62, codec=self.codec, generator=self.rounding,
+                               sparse=sparse, sparse_key=key)
+        sparse.keep_only(key)  # the set of averaged weights changed (warm-up ended): older states are void
+        return sent + average_tensors(rest, bucket_bytes=bucket, codec=self.codec, generator=self.rounding)
 
     @property
     def sparse(self) -> SparseAverager | None:
@@ -111,7 +125,13 @@ class Strategy:
     def codec(self) -> Codec:
         """How this strategy's sync messages travel (``resist.compression``)."""
         c = self.config.compression
-        return Codec(c.bits, c.chunk, c.stochastic)
+        codec = Codec(c.bits, c.chunk, c.stochastic)
+        if (not codec.lossless or c.topk is not None) and not getattr(self, "_device_checked", False):
+            if any(p.is_cuda for p in self.module.parameters()):
+                raise ValueError("resist.compression: compressed transport runs on CPU tensors (gloo) only so far; "
+                                 "remove the compression section to train on GPUs")
+            self._device_checked = True
+        return codec
 
     @property
     def rounding(self) -> torch.Generator | None:

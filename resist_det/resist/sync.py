@@ -62,7 +62,7 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]
 @torch.no_grad()
 def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, log_name: str = ALLREDUCE_LOG,
                     codec: Codec | None = None, generator: torch.Generator | None = None,
-                    sparse: SparseAverager | None = None) -> int:
+                    sparse: SparseAverager | None = None, sparse_key: str = "") -> int:
     """Replace every tensor by its mean over all ranks; return the bytes this rank sent.
 
     With a lossy ``codec`` (float32 tensors), each bucket travels quantised through
@@ -75,7 +75,7 @@ def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, 
     for i, bucket in enumerate(_buckets(tensors, bucket_bytes)):
         flat = _flatten_dense_tensors(bucket)
         if sparse is not None and flat.dtype == torch.float32:
-            sent += sparse.average(flat, f"{i}:{flat.numel()}", _exchange, dist.get_rank(), world, generator)
+            sent += sparse.average(flat, f"{sparse_key}/{i}", _exchange, dist.get_rank(), world, generator)
         elif codec is not None and not codec.lossless and flat.dtype == torch.float32:
             sent += compressed_average(flat, codec, _exchange, dist.get_rank(), world, generator)
         else:

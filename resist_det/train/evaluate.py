@@ -64,6 +64,10 @@ def evaluate_checkpoint(
     overrides["limit_test"] = limit
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update=overrides)})
     task = build_task(recipe, with_train=False)
+    trained = saved.get("class_names")
+    if trained is not None and list(task.class_names) != list(trained):
+        raise ValueError(f"--data: the test set's classes {list(task.class_names)} differ from the {len(trained)} classes "
+                         f"the network was trained on {list(trained)}; scoring one class's output as another would be wrong")
     net = task.make_model(None)
     net.load_state_dict(saved["model"])
     metrics = task.evaluate(net, batch_size=batch_size, conf_threshold=recipe.train.conf_threshold)

@@ -37,7 +37,9 @@ def recipe_path(name: str | Path) -> Path:
 
 
 # Keys a resume may change: more epochs, and where the run directory now lives.
-RESUMABLE_KEYS = {("train", "epochs"), ("train", "output_dir")}
+# (and how the run is kept and watched: logging, checkpoint pruning, the communication timeout).
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "output_dir"), ("train", "log_every"), ("train", "keep_checkpoints"),
+                  ("train", "comm_timeout_minutes")}
 
 
 def check_same_recipe(recipe: Recipe) -> None:
@@ -49,7 +51,8 @@ def check_same_recipe(recipe: Recipe) -> None:
     new = recipe.model_dump(mode="json")
     changed = sorted(
         f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))
-        if isinstance(new[sec], dict) and new[sec].get(k) != old.get(sec, {}).get(k) and (sec, k) not in RESUMABLE_KEYS
+        if isinstance(new[sec], dict) and (sec, k) not in RESUMABLE_KEYS and new[sec].get(k) != old.get(sec, {}).get(k)
+        and (k in old.get(sec, {}) or k not in getattr(type(getattr(recipe, sec)), "model_fields", {}))  # a key newer than the run: default
     )
     if changed:
         raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
@@ -80,7 +83,7 @@ def _free_port() -> int:
 
 
 def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, overrides: dict[str, Any] | None = None,
-           progress: bool = True) -> int:
+           progress: bool = True, max_restarts: int = 0) -> int:
     """Validate, then train on ``nproc`` local ranks; returns the exit code."""
     recipe = load_recipe(recipe_path(recipe_file), overrides)
     check_data(recipe)
@@ -93,23 +96,35 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
         train(recipe, resume=resume, progress=progress)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--max-restarts", str(max_restarts),
            "-m", "resist_det.train", str(recipe_path(recipe_file))]
     for k, v in (overrides or {}).items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]
     if resume:
         cmd.append("--resume")
+    elif max_restarts:  # a restarted attempt continues from the newest complete checkpoint of this run
+        cmd += ["--resume", "auto"]
     if not progress:
         cmd.append("--no-progress")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     return _run_forwarding_signals(cmd, env)
 
 
+def _die_with_parent() -> None:
+    """In the launcher's process: SIGTERM when this process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
     """Run the launcher and wait for it; SIGTERM / SIGINT / SIGHUP to this process go to the
     launcher once (it stops its ranks), and this process waits for it: no orphans.  The launcher
     has its own session, so a terminal's Ctrl-C reaches it through here only, once."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         if proc.poll() is None:

@@ -107,15 +107,27 @@ class Run:
     memory: dict[str, int] = field(default_factory=dict)
 
 
-def train(recipe: Recipe, *, resume: bool = False, progress: bool = True) -> dict[str, Any] | None:
-    """Train ``recipe`` on this process's rank; returns the final summary on rank 0."""
+def train(recipe: Recipe, *, resume: bool | str = False, progress: bool = True) -> dict[str, Any] | None:
+    """Train ``recipe`` on this process's rank; returns the final summary on rank 0.
+
+    ``resume``: ``True`` continues from the newest complete checkpoint (an error if there is
+    none); ``"auto"`` does so when one exists and starts afresh otherwise (what an elastic
+    restart under ``torchrun --max-restarts`` needs)."""
+    if resume == "auto":
+        from ..resist.checkpoint import resume_tag
+
+        try:
+            resume_tag(checkpoint_dir(recipe))
+            resume = True
+        except FileNotFoundError:
+            resume = False
     run = setup(recipe)
     lock, refused = RunLock(run.out), None
     if run.rank == 0:
         try:
             lock.acquire()
-        except ValueError as e:
-            refused = e
+        except (ValueError, OSError) as e:
+            refused = e if isinstance(e, ValueError) else ValueError(f"cannot lock train.output_dir {run.out}: {e}")
     if _max_over_ranks(refused is not None):  # collective: every rank stops together
         raise refused or ValueError(f"rank 0 could not lock train.output_dir {run.out}")
     try:
@@ -267,7 +279,7 @@ def evaluate_global_model(run: Run, epoch: int) -> dict[str, Any]:
     t_eval = time.perf_counter()
     run.task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
     metrics = run.task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
-    save_global_model(run.out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics)
+    save_global_model(run.out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics, run.task.class_names)
     return dict(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
 
 
@@ -278,11 +290,15 @@ def _eval_time(record: dict[str, Any]) -> float:
     return float(t.item())
 
 
-def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any]) -> None:
+def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any],
+                      class_names: list[str] | None = None) -> None:
     """The global network (residual scales folded into its weights) with its recipe; ``resist-det eval`` reads it."""
     state = net.state_dict()
-    atomic_torch_save({"model": state, "sha256": tensor_checksums(state), "recipe": recipe.model_dump(mode="json"),
-                       "epoch": epoch, "metrics": metrics}, path)
+    record = recipe.model_dump(mode="json")
+    if class_names is not None and record["data"].get("classes") == []:
+        record["data"]["classes"] = list(class_names)  # the names resolved from the training data, not "[] = collect"
+    atomic_torch_save({"model": state, "sha256": tensor_checksums(state), "recipe": record, "epoch": epoch,
+                       "metrics": metrics, "class_names": list(class_names) if class_names is not None else None}, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="tools/train.py", description="Train a resist_det recipe on this rank.")
     p.add_argument("recipe", help="recipe JSON (deepspeed / resist / model / data / train sections)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
+                   help="continue from the newest complete checkpoint; '--resume auto': only if there is one")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (JSON value)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
