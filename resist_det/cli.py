@@ -52,7 +52,7 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3.")] = [],  # noqa: B006
     progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0.")] = True,
     max_restarts: Annotated[int, typer.Option(min=0, help="Restart all ranks this many times after a failure, "
-                                              "each time from the newest complete checkpoint (torchrun's elastic agent).")] = 0,
+                                              "each time from the newest complete checkpoint.")] = 0,
 ) -> None:
     """Train a recipe on N local ranks (CPU: gloo, GPU: NCCL), or on this rank inside a launcher."""
     from .train.launch import launch

@@ -116,7 +116,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 
 def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
-    """SIGKILL of one rank mid-run under --max-restarts 1: torchrun restarts every rank, they
+    """SIGKILL of one rank mid-run under --max-restarts 1: the launcher is started again, the ranks
     resume from the newest complete checkpoint (--resume auto), and the final weights equal
     an uninterrupted run's."""
     import torch

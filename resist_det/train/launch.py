@@ -90,24 +90,32 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
     inside = "RANK" in os.environ
     if resume:
         check_resume(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if inside else nproc)
-    if inside or nproc == 1:
+    if inside or (nproc == 1 and not max_restarts):
         from .loop import train
 
         train(recipe, resume=resume, progress=progress)
         return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "--max-restarts", str(max_restarts),
-           "-m", "resist_det.train", str(recipe_path(recipe_file))]
-    for k, v in (overrides or {}).items():
-        cmd += ["--set", f"{k}={json.dumps(v)}"]
-    if resume:
-        cmd.append("--resume")
-    elif max_restarts:  # a restarted attempt continues from the newest complete checkpoint of this run
-        cmd += ["--resume", "auto"]
-    if not progress:
-        cmd.append("--no-progress")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
-    return _run_forwarding_signals(cmd, env)
+    for attempt in range(max_restarts + 1):
+        # A fresh launcher (new port, new rendezvous store) per attempt: a restarted attempt
+        # continues from the newest complete checkpoint of this run (--resume auto).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "-m", "resist_det.train", str(recipe_path(recipe_file))]
+        for k, v in (overrides or {}).items():
+            cmd += ["--set", f"{k}={json.dumps(v)}"]
+        if resume:
+            cmd.append("--resume")
+        elif attempt > 0:
+            cmd += ["--resume", "auto"]
+        if not progress:
+            cmd.append("--no-progress")
+        code, signalled = _run_forwarding_signals(cmd, env)
+        if code == 0 or signalled or attempt == max_restarts:
+            return code
+        print(f"resist-det: training failed (exit code {code}); restart {attempt + 1} of {max_restarts}, from the "
+              "newest complete checkpoint", file=sys.stderr, flush=True)
+    return code
 
 
 def _die_with_parent() -> None:
@@ -120,19 +128,22 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> int:
+def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """Run the launcher and wait for it; SIGTERM / SIGINT / SIGHUP to this process go to the
     launcher once (it stops its ranks), and this process waits for it: no orphans.  The launcher
-    has its own session, so a terminal's Ctrl-C reaches it through here only, once."""
+    has its own session, so a terminal's Ctrl-C reaches it through here only, once.
+    Returns (exit code, whether a signal stopped it)."""
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    signalled = []
 
     def forward(signum, _frame):
+        signalled.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return proc.wait()
+        return proc.wait(), bool(signalled)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
