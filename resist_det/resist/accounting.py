@@ -59,9 +59,12 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
     else:  # reduce-scatter + all-gather of quantised shards; blocks as one quantised message each
         per_rank = lambda elems: 2 * (s - 1) * codec.encoded_size(-(-elems // s))  # noqa: E731
         block_bytes = codec.encoded_size(sizes["block"])
-    if topk is not None:
-        value_codec = codec or Codec()
-        per_rank = lambda elems: 2 * (s - 1) * sparse_message_size(math.ceil(topk * -(-elems // s)), value_codec)  # noqa: E731
+    shared_params = sizes["total_params"] - n * sizes["block_params"]
+    params_of = {sizes["shared"]: shared_params, sizes["total"]: sizes["total_params"]}
+    if topk is not None:  # weights as top-k deltas, float buffers (BN statistics) dense
+        dense_rank, value_codec = per_rank, codec or Codec()
+        sparse_rank = lambda elems: 2 * (s - 1) * sparse_message_size(math.ceil(topk * -(-elems // s)), value_codec)  # noqa: E731
+        per_rank = lambda elems: sparse_rank(params_of[elems]) + dense_rank(elems - params_of[elems])  # noqa: E731
     allreduce = lambda elems: per_rank(elems) * s  # noqa: E731  (summed over ranks)
     plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
     out_rounds = []
@@ -79,7 +82,7 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
         "num_blocks": n,
         "block_params": sizes["block_params"],
         "total_params": sizes["total_params"],
-        "shared_params": sizes["total_params"] - n * sizes["block_params"],
+        "shared_params": shared_params,
         "blocks_per_worker": k,
         "depth": (full_depth - n + k) if full_depth else None,
         "full_depth": full_depth,
