@@ -108,22 +108,20 @@ def test_resume_refuses_a_damaged_or_planted_checkpoint_file(trained, tmp_path, 
         (tag_dir / "resist.json").write_text(record)
 
 
-def test_torchrun_resume_refuses_a_changed_recipe_and_keeps_recipe_json(trained):
+def test_launcher_path_resume_refuses_a_changed_recipe_and_keeps_recipe_json(trained):
+    """``tools/train.py`` / ``python -m resist_det.train`` is what torchrun and deepspeed start on
+    every rank; it refuses a changed recipe itself, in one line, before anything is written."""
     import subprocess
     import sys
 
     tmp, recipe = trained
     saved = (tmp / "run" / "recipe.json").read_text()
-    from distributed import _free_port
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "resist_det.train", str(recipe), "--resume", "--no-progress",
+    cmd = [sys.executable, "-m", "resist_det.train", str(recipe), "--resume", "--no-progress",
            "--set", "deepspeed.optimizer.params.lr=0.2", "--set", "train.epochs=2"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert out.stderr.count("the recipe differs from the one the checkpoint was trained with (deepspeed.optimizer)") == 1, out.stderr[-2000:]
-    # one line from the ranks, no traceback of ours (torchrun adds its own ChildFailedError summary)
-    assert not [line for line in out.stderr.splitlines() if line.strip().startswith("File") and "resist_det" in line]
+    assert "Traceback" not in out.stderr
     assert (tmp / "run" / "recipe.json").read_text() == saved
 
 
@@ -133,10 +131,29 @@ def test_a_moved_run_directory_resumes(trained, tmp_path):
     tmp, recipe = trained
     moved = tmp_path / "moved"
     shutil.copytree(tmp / "run", moved)
-    result = _cli("train", recipe, "--nproc", "2", "--resume", "--no-progress",
-                  "--set", f'train.output_dir="{moved}"', "--set", "train.epochs=2")
-    assert result.exit_code == 0, result.output
+    config = json.loads(recipe.read_text())
+    config["train"].update(output_dir=str(moved), epochs=2)
+    run_on_ranks(_train_rank, 2, tmp_path / "ranks", config, True, timeout=300)
     epochs = [json.loads(line)["epoch"] for line in (moved / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "epoch"]
     assert epochs == [0, 1]
     assert (moved / "checkpoints" / "latest").read_text().strip() == "epoch0001"
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_and_latest(tmp_path):
+    from resist_det.resist.checkpoint import prune, resume_tag
+
+    root = tmp_path / "checkpoints"
+    for step, tag in enumerate(["epoch0000", "epoch0001", "epoch0002", "epoch0003"]):
+        (root / tag).mkdir(parents=True)
+        (root / tag / "w.pt").write_bytes(b"x" * step)
+        files = {"w.pt": {"bytes": step, "sha256": _sha(root / tag / "w.pt")}}
+        (root / tag / "resist.json").write_text(json.dumps({"world_size": 1, "resist": {}, "step": step, "files": files}))
+    (root / "epoch0004").mkdir()  # a save that never finished: no record
+    (root / "epoch0004" / "w.pt").write_bytes(b"half")
+    (root / "latest").write_text("epoch0004")
+    os.utime(root / "epoch0000" / "resist.json", (1, 1))  # copied without times: order comes from the step
+    assert resume_tag(root)[0] == "epoch0003"
+    (root / "latest").write_text("epoch0003")
+    assert sorted(prune(root, 2)) == ["epoch0000", "epoch0001"]
+    assert sorted(p.name for p in root.iterdir()) == ["epoch0002", "epoch0003", "epoch0004", "latest"]
