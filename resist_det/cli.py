@@ -53,12 +53,17 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0.")] = True,
     max_restarts: Annotated[int, typer.Option(min=0, help="Restart all ranks this many times after a failure, "
                                               "each time from the newest complete checkpoint.")] = 0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out (and list) images that fail the pre-flight "
+                                           "data checks instead of refusing to start (data.skip_bad).")] = False,
 ) -> None:
     """Train a recipe on N local ranks (CPU: gloo, GPU: NCCL), or on this rank inside a launcher."""
     from .train.launch import launch
 
     try:
-        code = launch(recipe, nproc=nproc, resume=resume, overrides=_overrides(set_), progress=progress,
+        overrides = _overrides(set_)
+        if skip_bad:
+            overrides["data.skip_bad"] = True
+        code = launch(recipe, nproc=nproc, resume=resume, overrides=overrides, progress=progress,
                       max_restarts=max_restarts)
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None

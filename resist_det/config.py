@@ -48,6 +48,7 @@ class DataConfig(_Strict):
     test_sets: list[tuple[str, str]] = Field(default_factory=lambda: [("2007", "test")], description="VOC (year, split) pairs to evaluate on")
     classes: list[str] | None = Field(None, description="VOC class names (default: the 20 VOC classes; [] = the names found in the training annotations)")
     augment: bool = Field(False, description="training augmentation (the paper's VOC recipe: off)")
+    skip_bad: bool = Field(False, description="VOC: leave out images that fail the pre-flight checks (listed) instead of refusing to start")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training images (smoke runs)")
     limit_test: int | None = Field(None, ge=1, description="evaluate on the first N test images")

@@ -129,10 +129,10 @@ def test_malformed_xml(tmp_path: Path) -> None:
 
 def test_missing_image_or_xml(tmp_path: Path) -> None:
     make_year(tmp_path, "2007", {"a": xml("a"), "b": xml("b")}, {"train": ["a", "b"]}, images=["a"])
-    with pytest.raises(FileNotFoundError, match=r"JPEGImages/b\.jpg"):
+    with pytest.raises(ValueError, match=r"JPEGImages/b\.jpg"):
         VOCDetection(tmp_path, [("2007", "train")])
     make_year(tmp_path, "2008", {"a": None}, {"train": ["a"]})
-    with pytest.raises(FileNotFoundError, match=r"Annotations/a\.xml"):
+    with pytest.raises(ValueError, match=r"Annotations/a\.xml"):
         VOCDetection(tmp_path, [("2008", "train")])
 
 
@@ -217,3 +217,81 @@ def test_no_warning_for_clean_data(voc_root: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         VOCDetection(voc_root, [("2007", "trainval"), ("2012", "trainval")])
+
+
+# ---- pre-flight: every bad image listed before training, or left out with skip_bad -------------
+def _break_voc(d: Path) -> dict[str, str]:
+    """Damage five images of a written VOC year five ways; returns id -> what the error names."""
+    ids = [line.strip() for line in (d / "ImageSets/Main/train.txt").read_text().splitlines()]
+    test = [line.strip() for line in (d / "ImageSets/Main/test.txt").read_text().splitlines()]
+    bad = {ids[0]: "malformed XML", ids[1]: "truncated JPEG", ids[2]: "inverted box", ids[3]: "JPEG is missing",
+           ids[4]: "annotation says", test[0]: "truncated JPEG"}
+    (d / "Annotations" / f"{ids[0]}.xml").write_text("<annotation><object>")
+    for i in (ids[1], test[0]):
+        data = (d / "JPEGImages" / f"{i}.jpg").read_bytes()
+        (d / "JPEGImages" / f"{i}.jpg").write_bytes(data[: len(data) // 2])  # an interrupted copy
+    text = (d / "Annotations" / f"{ids[2]}.xml").read_text()
+    (d / "Annotations" / f"{ids[2]}.xml").write_text(text.replace("<xmin>", "<xmin>9999", 1))
+    (d / "JPEGImages" / f"{ids[3]}.jpg").unlink()
+    text = (d / "Annotations" / f"{ids[4]}.xml").read_text()
+    (d / "Annotations" / f"{ids[4]}.xml").write_text(text.replace("<width>", "<width>1", 1))
+    return bad
+
+
+def test_preflight_lists_every_bad_image_or_skips_them(tmp_path: Path) -> None:
+    from resist_det.data.shapes import SHAPES_CLASSES, write_shapes_dataset
+    from resist_det.data.voc import BadImagesError
+
+    root = write_shapes_dataset(tmp_path, 40, image_size=64, seed=3)
+    bad = _break_voc(root / "VOC2007")
+    n_train = len((root / "VOC2007/ImageSets/Main/train.txt").read_text().split())
+    with pytest.raises(BadImagesError) as err:
+        VOCDetection(root, [("2007", "train")], SHAPES_CLASSES)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith(f"5 of {n_train} images of VOC2007 train cannot be used")
+    for image_id, reason in list(bad.items())[:5]:
+        assert any(image_id in line and reason in line for line in lines[1:]), (image_id, reason, lines)
+    assert len(lines) == 6
+    ds = VOCDetection(root, [("2007", "train")], SHAPES_CLASSES, skip_bad=True)
+    assert len(ds) == n_train - 5 and len(ds.skipped) == 5
+    assert not set(ds.image_ids) & set(bad)
+    for i in range(len(ds)):  # every image left in decodes
+        assert ds.load_image(i).shape == (64, 64, 3)
+    with pytest.raises(BadImagesError, match="truncated JPEG"):
+        VOCDetection(root, [("2007", "test")], SHAPES_CLASSES)
+
+
+def test_train_cli_refuses_bad_images_before_starting_ranks_and_skips_them_on_request(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from resist_det.cli import app
+    from resist_det.data.shapes import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path, 40, image_size=64, seed=3)
+    bad = _break_voc(root / "VOC2007")
+    sets = ["--set", f"data.root={json.dumps(str(root))}", "--set", f"train.output_dir={json.dumps(str(tmp_path / 'run'))}",
+            "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "model.image_size=64",
+            "--set", "model.depth=18", "--set", "resist.min_blocks=1", "--set", "data.limit_test=4", "--no-progress"]
+    result = CliRunner().invoke(app, ["train", "demo_shapes", "--nproc", "2", *sets])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "6 of the" in result.output and all(i in result.output for i in bad)
+    assert not (tmp_path / "run").exists()  # refused before any rank started
+    # classes: [] = the names found in the training annotations; the checkpoint records them
+    result = CliRunner().invoke(app, ["train", "demo_shapes", "--nproc", "1", "--skip-bad", *sets, "--set", "data.classes=[]"])
+    assert result.exit_code == 0, result.output
+    assert "leaving out 6 images" in result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["metrics"]["num_test"] == 4
+    saved = torch.load(tmp_path / "run" / "global_model.pt", weights_only=True)
+    assert saved["recipe"]["data"]["classes"] == saved["class_names"] == ["circle", "square", "triangle"]
+    # evaluation on other data whose classes differ (one renamed) is refused, naming the class
+    other = write_shapes_dataset(tmp_path / "other", 12, image_size=64, seed=4)
+    ok = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(other), "--out", str(tmp_path / "r.json")])
+    assert ok.exit_code == 0, ok.output
+    for f in (other / "VOC2007" / "Annotations").glob("*.xml"):
+        f.write_text(f.read_text().replace("<name>circle</name>", "<name>disc</name>").replace("<name>square</name>", "<name>box</name>"))
+    refused = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(other)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert ("'disc'" in refused.output or "'box'" in refused.output) and "not in the class list" in refused.output

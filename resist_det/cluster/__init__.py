@@ -7,7 +7,7 @@ node per machine through a real multi-node launcher (torchrun or DeepSpeed's) an
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,7 +44,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def run_cluster(target: str, args: list[str], *, nodes: int, rates: list[float], log_dir: str | Path,
                 nproc_per_node: int = 1, stream: bool = True, env: dict[str, str] | None = None,
-                timeout: float | None = None, launcher: str = "torchrun") -> ClusterRun:
+                timeout: float | None = None, launcher: str = "torchrun",
+                stop_when: Callable[[], bool] | None = None) -> ClusterRun:
     """Build the network, run ``target`` (recipe or script) on every node, remove the network."""
     check_privileges()
     if launcher not in ("torchrun", "deepspeed"):
@@ -52,4 +53,4 @@ def run_cluster(target: str, args: list[str], *, nodes: int, rates: list[float],
     command = training_command(target, args)
     with _sigterm_as_interrupt(), EmulatedNetwork(nodes, rates) as net:
         return run_on_cluster(net, command, nproc_per_node=nproc_per_node, log_dir=log_dir, stream=stream, env=env,
-                              timeout=timeout, launcher=launcher)
+                              timeout=timeout, launcher=launcher, stop_when=stop_when)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,12 +87,13 @@ def launcher_command(launcher: str, net: EmulatedNetwork, node: int, nproc_per_n
 
 def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: int = 1, log_dir: str | Path,
                    env: dict[str, str] | None = None, stream: bool = True, timeout: float | None = None,
-                   launcher: str = "torchrun") -> ClusterRun:
+                   launcher: str = "torchrun", stop_when: Callable[[], bool] | None = None) -> ClusterRun:
     """Start ``command`` (see :func:`training_command`) on every node of ``net``; wait for all.
 
     A node that fails stops the others; an interrupt stops all of them (the caller's ``with`` on
     ``net`` then removes the network); after ``timeout`` seconds all are stopped and the exit
-    code is 124.  Returns exit code, wall time and NIC counters."""
+    code is 124, as when ``stop_when()`` (polled a few times a second) turns true.  Returns exit
+    code, wall time and NIC counters."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // (net.nodes * nproc_per_node))
@@ -115,7 +117,7 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
             codes = [p.poll() for p in procs]  # every node polled: a failure anywhere ends the run
             if None not in codes or any(c for c in codes if c is not None):
                 break
-            if timeout is not None and time.monotonic() - start > timeout:
+            if (timeout is not None and time.monotonic() - start > timeout) or (stop_when is not None and stop_when()):
                 codes = [124]
                 break
             time.sleep(0.2)

@@ -1,25 +1,26 @@
-"""Datasets and transforms: Pascal VOC reader, synthetic shapes set, albumentations pipelines."""
+"""Datasets and transforms: Pascal VOC reader, synthetic shapes set, albumentations pipelines,
+classification sets.
 
-from resist_det.data.shapes import SHAPES_CLASSES, write_shapes_dataset
-from resist_det.data.transforms import DetectionTransform, boxes_to_original, detection_transform
-from resist_det.data.voc import VOC_CLASSES, VOCDetection, collate_detection, collect_classes
+Names are imported on first use, so that reading (or checking) a VOC folder does not pay for
+torchvision and albumentations.
+"""
 
-__all__ = [
-    "SHAPES_CLASSES",
-    "VOC_CLASSES",
-    "DetectionTransform",
-    "VOCDetection",
-    "boxes_to_original",
-    "collate_detection",
-    "collect_classes",
-    "detection_transform",
-    "write_shapes_dataset",
-]
+from __future__ import annotations
 
-from resist_det.data.classification import (  # noqa: E402
-    ClassificationInfo,
-    build_classification_dataset,
-    default_transform,
-)
+import importlib
 
-__all__ += ["ClassificationInfo", "build_classification_dataset", "default_transform"]
+_WHERE = {
+    "SHAPES_CLASSES": "shapes", "write_shapes_dataset": "shapes",
+    "DetectionTransform": "transforms", "boxes_to_original": "transforms", "detection_transform": "transforms",
+    "VOC_CLASSES": "voc", "VOCDetection": "voc", "collate_detection": "voc", "collect_classes": "voc",
+    "ClassificationInfo": "classification", "build_classification_dataset": "classification",
+    "default_transform": "classification",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

@@ -4,11 +4,14 @@ Reads ``<root>/VOC<year>/{Annotations,JPEGImages,ImageSets/Main}`` for one or mo
 ``(year, split)`` pairs and exposes them as a single map-style torch ``Dataset``.
 Datasets are never downloaded: a missing folder is a ``FileNotFoundError``.
 
-Annotations are parsed when the dataset is constructed (so bad data fails early) by
-:func:`~resist_det.data.voc_xml.parse_voc_xml`; the annotation rules are listed in
-:mod:`resist_det.data.voc_xml`. An id listed in an ImageSets file whose XML or JPEG is
-missing raises ``FileNotFoundError`` with the path; an empty split file raises
-``ValueError``.
+Every listed image is checked when the dataset is constructed, so bad data fails before
+training rather than mid-epoch: its annotation is parsed by
+:func:`~resist_det.data.voc_xml.parse_voc_xml` (rules in :mod:`resist_det.data.voc_xml`),
+its JPEG must exist, end complete and have the size the annotation states
+(:func:`~resist_det.data.image_check.image_problem`; header and last bytes only).  All
+problems are collected and raised together as :class:`BadImagesError`, one line per image,
+or with ``skip_bad`` those images are left out (listed in ``dataset.skipped``).  A missing
+split file or year folder raises ``FileNotFoundError``; an empty split file ``ValueError``.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .image_check import image_problem
 from .voc_xml import VOCRecord, _read_xml, _text, parse_voc_xml
 
 __all__ = [
     "VOC_CLASSES",
+    "BadImagesError",
     "VOCDetection",
     "VOCRecord",
     "collate_detection",
@@ -52,6 +57,10 @@ If the callable has a truthy attribute ``carries_difficult`` it is instead calle
 ``transform(image, boxes, labels, difficult=flags)`` and must return a 4-tuple with the
 flags filtered like the boxes (see :mod:`resist_det.data.transforms`).
 """
+
+
+class BadImagesError(ValueError):
+    """Some listed images cannot be trained on; the message lists every one and why."""
 
 
 def resolve_year_dir(root: str | os.PathLike[str], year: str) -> Path:
@@ -100,7 +109,11 @@ def collect_classes(
         year_dir = resolve_year_dir(root, year)
         for image_id in _read_split(year_dir, split):
             xml_path = year_dir / "Annotations" / f"{image_id}.xml"
-            for k, obj in enumerate(_read_xml(xml_path).iter("object")):
+            try:
+                root_elem = _read_xml(xml_path)
+            except (FileNotFoundError, ValueError):
+                continue  # the dataset's check lists it with every other bad image
+            for k, obj in enumerate(root_elem.iter("object")):
                 names.add(_text(obj, "name", xml_path, f"object #{k}"))
     return tuple(sorted(names))
 
@@ -125,6 +138,7 @@ class VOCDetection(Dataset):
         transform: Transform | None = None,
         *,
         skip_unknown: bool = False,
+        skip_bad: bool = False,
     ) -> None:
         self.root = Path(root)
         self.image_sets = _as_image_sets(image_sets)
@@ -138,22 +152,44 @@ class VOCDetection(Dataset):
         self._image_paths: list[Path] = []
         self._records: list[VOCRecord] = []
         self._ids: list[str] = []
+        self.skipped: list[str] = []  # what was wrong with each image left out (skip_bad)
+        listed = 0
         for year, split in self.image_sets:
             year_dir = resolve_year_dir(self.root, year)
             for image_id in _read_split(year_dir, split):
-                xml_path = year_dir / "Annotations" / f"{image_id}.xml"
+                listed += 1
                 image_path = year_dir / "JPEGImages" / f"{image_id}.jpg"
-                if not image_path.is_file():
-                    raise FileNotFoundError(
-                        f"image {image_id!r} listed in {year_dir / 'ImageSets' / 'Main' / (split + '.txt')} "
-                        f"but its JPEG is missing: {image_path}"
-                    )
-                record = parse_voc_xml(
-                    xml_path, self.class_to_index, skip_unknown=skip_unknown, image_path=image_path
-                )
+                try:
+                    record = self._check(year_dir, split, image_id, image_path, skip_unknown)
+                except (FileNotFoundError, ValueError) as exc:
+                    self.skipped.append(str(exc))
+                    continue
                 self._image_paths.append(image_path)
                 self._records.append(record)
                 self._ids.append(f"{year}/{image_id}" if multi_year else image_id)
+        if self.skipped and not skip_bad:
+            sets = ", ".join(f"VOC{y} {s}" for y, s in self.image_sets)
+            raise BadImagesError(
+                f"{len(self.skipped)} of {listed} images of {sets} cannot be used; set data.skip_bad "
+                f"(resist-det train --skip-bad) to train on the other {listed - len(self.skipped)}:\n  "
+                + "\n  ".join(self.skipped)
+            )
+        if not self._records:
+            raise BadImagesError(f"none of the {listed} images can be used:\n  " + "\n  ".join(self.skipped))
+
+    def _check(self, year_dir: Path, split: str, image_id: str, image_path: Path, skip_unknown: bool) -> VOCRecord:
+        """The image's annotation, after the pre-flight checks (raises naming the file)."""
+        if not image_path.is_file():
+            raise FileNotFoundError(
+                f"image {image_id!r} listed in {year_dir / 'ImageSets' / 'Main' / (split + '.txt')} "
+                f"but its JPEG is missing: {image_path}"
+            )
+        xml_path = year_dir / "Annotations" / f"{image_id}.xml"
+        record = parse_voc_xml(xml_path, self.class_to_index, skip_unknown=skip_unknown, image_path=image_path)
+        problem = image_problem(image_path, (record.width, record.height))
+        if problem is not None:
+            raise ValueError(problem)
+        return record
 
     def __len__(self) -> int:
         return len(self._records)

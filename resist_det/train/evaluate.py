@@ -62,6 +62,7 @@ def evaluate_checkpoint(
         y0, s0 = recipe.data.test_sets[0]
         overrides["test_sets"] = [(year or y0, split or s0)]
     overrides["limit_test"] = limit
+    overrides["skip_bad"] = False  # a score over part of a test set is not comparable: every image must be usable
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update=overrides)})
     task = build_task(recipe, with_train=False)
     trained = saved.get("class_names")

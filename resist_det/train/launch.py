@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, load_recipe
-from .tasks import check_data
+from .tasks import check_data, preflight
 
 __all__ = ["check_resume", "launch", "recipe_path"]
 
@@ -86,8 +86,13 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
            progress: bool = True, max_restarts: int = 0) -> int:
     """Validate, then train on ``nproc`` local ranks; returns the exit code."""
     recipe = load_recipe(recipe_path(recipe_file), overrides)
-    check_data(recipe)
     inside = "RANK" in os.environ
+    if inside:
+        check_data(recipe)  # every rank checks its data when it builds it
+    else:
+        skipped = preflight(recipe)  # once, before any rank starts
+        if skipped:
+            print(f"data.skip_bad: leaving out {len(skipped)} images:\n  " + "\n  ".join(skipped), file=sys.stderr, flush=True)
     if resume:
         check_resume(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if inside else nproc)
     if inside or (nproc == 1 and not max_restarts):

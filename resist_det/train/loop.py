@@ -277,8 +277,14 @@ def evaluate_global_model(run: Run, epoch: int) -> dict[str, Any]:
         return {}
     recipe, batch = run.recipe, run.recipe.batch_size
     t_eval = time.perf_counter()
-    run.task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
-    metrics = run.task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
+    threads = torch.get_num_threads()
+    if next(net.parameters()).device.type == "cpu":  # the other ranks wait in a collective: use their cores
+        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))
+    try:
+        run.task.recalibrate_bn(net, recipe.train.bn_recalibration_batches, batch, seed=recipe.train.seed + epoch)
+        metrics = run.task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
+    finally:
+        torch.set_num_threads(threads)
     save_global_model(run.out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics, run.task.class_names)
     return dict(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
 

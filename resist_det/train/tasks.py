@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import Recipe
 
-__all__ = ["Task", "build_task", "check_data"]
+__all__ = ["Task", "build_task", "check_data", "preflight"]
 
 
 @dataclass
@@ -140,6 +140,30 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
+def preflight(recipe: Recipe) -> list[str]:
+    """Check every training and test image before any rank starts (VOC; other kinds are read
+    whole when built).  Raises :class:`~resist_det.data.voc.BadImagesError` listing every bad
+    image, or with ``data.skip_bad`` returns those problems (the ranks leave the images out)."""
+    check_data(recipe)
+    if recipe.data.kind != "voc":
+        return []
+    from ..data.voc import VOC_CLASSES, BadImagesError, VOCDetection, collect_classes
+
+    d = recipe.data
+    classes = list(d.classes) if d.classes else list(VOC_CLASSES)
+    if d.classes == []:
+        classes = list(collect_classes(d.root, d.train_sets))
+    problems, listed = [], 0
+    for role, sets in (("training", d.train_sets), ("test", d.test_sets)):
+        ds = VOCDetection(d.root, sets, classes, skip_bad=True)
+        listed += len(ds) + len(ds.skipped)
+        problems += [f"{role}: {p}" for p in ds.skipped]
+    if problems and not d.skip_bad:
+        raise BadImagesError(f"{len(problems)} of the {listed} training and test images cannot be used; set data.skip_bad "
+                             f"(resist-det train --skip-bad) to leave them out:\n  " + "\n  ".join(problems))
+    return problems
+
+
 def build_task(recipe: Recipe, *, with_train: bool = True) -> Task:
     """Datasets (read from disk, never downloaded), model factory and loss for ``recipe``."""
     check_data(recipe)
@@ -161,8 +185,9 @@ def _detection_task(recipe: Recipe, with_train: bool) -> Task:
     size = m.image_size
     train = None
     if with_train:
-        train = VOCDetection(d.root, d.train_sets, classes, detection_transform(size, augment=d.augment, seed=recipe.train.seed))
-    test = VOCDetection(d.root, d.test_sets, classes, detection_transform(size))
+        train = VOCDetection(d.root, d.train_sets, classes, detection_transform(size, augment=d.augment, seed=recipe.train.seed),
+                             skip_bad=d.skip_bad)
+    test = VOCDetection(d.root, d.test_sets, classes, detection_transform(size), skip_bad=d.skip_bad)
     loss = YOLOv2Loss(num_classes=len(classes))
 
     def make_model(device: str | None) -> nn.Module:
