@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time to accuracy on emulated machines over bandwidth-limited links (needs root).
 
-    python benchmarks/bench_cluster.py [--nodes 4] [--rates 2mbit,50mbit,1gbit] [--seeds 0,1]
-        [--other-seeds 0] [--target 0.75] [--epochs 5] [--record benchmarks/results/cluster.txt]
+    python benchmarks/bench_cluster.py [--nodes 4] [--rates 1mbit,50mbit,1gbit] [--seeds 0,1]
+        [--other-seeds 0] [--target 0.80] [--epochs 10] [--record benchmarks/results/cluster.txt]
 
 Real data (Fashion-MNIST, ``apt-get install dataset-fashion-mnist``), ``--nodes`` emulated
 machines (one network namespace and one tbf-shaped NIC each, ``resist-det cluster``), one rank
@@ -14,9 +14,11 @@ model reaches it; evaluation excluded, as in the paper's timings), final accurac
 accounted and wire bytes, and the measured sync seconds per round beside ``resist-det plan``'s
 prediction.  Data parallel is stopped after ``--ddp-cap`` x ResIST's time to target at the same
 rate; when stopped, its time to target is reported as a lower bound.  Training is bit-identical
-at every link rate (the same seeds and data; ``tests/test_cluster.py``), so final accuracy is
-measured at the lowest rate and, unless ``--full-runs``, runs at the other rates stop once they
-reach the target (their time to target is all they add).  Writes a PNG (accuracy
+at every link rate (the same seeds and data; ``tests/test_cluster.py``), so the runs train every
+epoch only at the highest rate, where that is cheapest, and final accuracy is read there; at the
+other rates they stop once they reach the target (``--full-runs``: train every epoch at every
+rate).  ``--seeds`` run at the lowest and the highest rate, ``--other-seeds`` at the rates
+between.  Writes a PNG (accuracy
 against wall time per rate, speedup against link rate) next to ``--record``.
 """
 
@@ -149,16 +151,16 @@ def _mean(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--rates", default="2mbit,50mbit,1gbit", help="comma-separated, lowest first (tc units)")
-    ap.add_argument("--seeds", default="0,1", help="seeds at the lowest rate")
+    ap.add_argument("--rates", default="1mbit,50mbit,1gbit", help="comma-separated, lowest first (tc units)")
+    ap.add_argument("--seeds", default="0,1", help="seeds at the lowest and the highest rate")
     ap.add_argument("--other-seeds", default="0", help="seeds at the other rates")
     ap.add_argument("--ddp-seeds", default="0", help="seeds for data parallel (it is the slow one)")
-    ap.add_argument("--modes", default="resist,local_sgd,ddp")
-    ap.add_argument("--target", type=float, default=0.75)
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--steps-per-epoch", type=int, default=60)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--lr-drops", default="", help="comma-separated epochs at which the learning rate is multiplied by 0.1")
+    ap.add_argument("--modes", default="resist,local_sgd,ddp,resist_8bit")
+    ap.add_argument("--target", type=float, default=0.80)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--steps-per-epoch", type=int, default=140)
+    ap.add_argument("--local-steps", type=int, default=50)
+    ap.add_argument("--lr-drops", default="7,9", help="comma-separated epochs at which the learning rate is multiplied by 0.1")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit-test", type=int, default=2000)
     ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP after this many times ResIST's time to target")
@@ -190,7 +192,7 @@ def main() -> int:
     results: dict = {}
     t_all = time.monotonic()
     for rate in args.rates:
-        for seed in (args.seeds if rate == args.rates[0] else other_seeds):
+        for seed in (args.seeds if rate in (args.rates[0], args.rates[-1]) else other_seeds):
             for mode in modes:
                 if mode == "ddp" and seed not in ddp_seeds:
                     continue
@@ -206,7 +208,7 @@ def main() -> int:
                     code = json.loads(done.read_text())["returncode"]
                     print("  (reusing the finished run in " + str(out) + ")")
                 else:
-                    at_target = None if (rate == args.rates[0] or args.full_runs) else reached_target(out, args.target)
+                    at_target = None if (rate == args.rates[-1] or args.full_runs) else reached_target(out, args.target)
                     run = run_cluster(recipe, [*sets, "--no-progress"], nodes=args.nodes, rates=node_rates(args.nodes, rate),
                                       log_dir=out / "cluster", stream=False, timeout=timeout, stop_when=at_target)
                     code = run.returncode
@@ -253,7 +255,7 @@ def main() -> int:
         lines.append(f"{rate}: time to {100 * args.target:.0f}%: resist {tr:.1f}s{'' if okr else ' (not reached)'}, "
                      f"local SGD {tl:.1f}s{'' if okl else ' (not reached)'}, ddp {'' if okd else '>'}{td:.1f}s; "
                      f"resist / local SGD {tr / tl:.3f}, resist / ddp {'' if okd else '<'}{tr / td:.3f}; "
-                     + ("runs stopped at the target (final accuracy: at the lowest rate)"
+                     + ("runs stopped at the target (final accuracy: at the highest rate)"
                         if any(r["at_target"] for (r_, _, _), r in results.items() if r_ == rate) else
                         f"final acc resist {accs.get('resist', math.nan):.2f}% local SGD {accs.get('local_sgd', math.nan):.2f}% "
                         f"ddp {accs.get('ddp', math.nan):.2f}%"))
@@ -263,10 +265,13 @@ def main() -> int:
                          f"/ fp32 local SGD {tc / tl:.3f}, / fp32 resist {tc / tr:.3f}; final acc {accs[m]:.2f}%")
         verdicts.append((rate, tr, tl, td, okr, okl, accs, compressed))
     low, high = verdicts[0], verdicts[-1]
+    final = high if not args.full_runs else low  # where every epoch was trained
     checks = [
         (f"lowest rate ({low[0]}): resist <= 0.5 x local SGD's time to target", low[4] and low[5] and low[1] <= 0.5 * low[2]),
-        (f"lowest rate ({low[0]}): final accuracy within 1.0 point of local SGD (mean of seeds)",
-         abs(low[6].get("local_sgd", math.nan) - low[6].get("resist", math.nan)) <= 1.0),
+        (f"final accuracy within 1.0 point of local SGD (mean of seeds; trained in full at {final[0]}, "
+         f"bit-identical at every rate): resist {final[6].get('resist', math.nan):.2f}% local SGD "
+         f"{final[6].get('local_sgd', math.nan):.2f}%",
+         abs(final[6].get("local_sgd", math.nan) - final[6].get("resist", math.nan)) <= 1.0),
         (f"wire / accounted bytes within 1 + {args.wire_tolerance} in every run (worst {1 + worst_wire:.3f})",
          worst_wire <= args.wire_tolerance),
     ]

@@ -153,3 +153,32 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "epoch"]
     assert epochs == [0, 1, 2]  # the epoch cut short is logged once, after the restart
+
+
+def test_two_runs_started_together_do_not_collide(tmp_path):
+    """Two CLI runs started at the same moment: separate output folders both train (no port or
+    file collision); a third run aimed at a folder in use is refused by the run lock."""
+    write_idx(tmp_path / "fmnist", n_train=48, n_test=16)
+    cmds = []
+    for out in ("a", "b", "a"):
+        recipe = _recipe(tmp_path, out)
+        recipe["train"]["epochs"] = 1
+        path = tmp_path / f"recipe_{len(cmds)}.json"
+        path.write_text(json.dumps(recipe))
+        cmds.append([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"])
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for c in cmds]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    codes = [p.returncode for p in procs]
+    assert codes[1] == 0, outs[1][-3000:]
+    assert sorted([codes[0], codes[2]]) == [0, 2] or sorted([codes[0], codes[2]]) == [0, 1], (codes, outs[0][-2000:], outs[2][-2000:])
+    refused = outs[0] if codes[0] else outs[2]
+    assert "in use" in refused or "lock" in refused.lower(), refused[-2000:]
+    for out in ("a", "b"):
+        epochs = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in epochs if r["event"] == "epoch"] == [0]
