@@ -38,10 +38,47 @@ def _final(tmp_path, out):
     return saved, rounds
 
 
-@pytest.mark.parametrize("compression", [None, {"topk": 0.25, "bits": 8}], ids=["fp32", "topk-8bit"])
-def test_resume_after_an_interrupted_save_equals_uninterrupted(tmp_path, compression):
-    """The save of epoch 2's checkpoint is cut short (its manifest never written, a temporary
-    file left): --resume passes over it, continues from epoch 1's, and ends bit-identical to an
+def _train_rank_killed_in_save(rank, world, recipe, victim, target):
+    """``_train_rank``, but rank ``victim`` dies by SIGKILL halfway through writing its epoch-2
+    checkpoint file: its own state (``resist_rank``, written to a temporary file and renamed) or
+    DeepSpeed's model file (``mp_rank``, written in place)."""
+    import io
+    import os
+    import signal
+
+    import resist_det.resist.checkpoint as ckpt_module
+
+    def half_then_die(obj, path):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real_save, real_atomic = torch.save, ckpt_module.atomic_torch_save
+    if rank == victim and target == "resist_rank":
+        def atomic(obj, path):
+            if "epoch0001" not in str(path):
+                return real_atomic(obj, path)
+            half_then_die(obj, path.with_name(f".{path.name}.killed.tmp"))
+        ckpt_module.atomic_torch_save = atomic
+    if rank == victim and target == "mp_rank":
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and "epoch0001" in str(f) and "mp_rank" in str(f):
+                half_then_die(obj, f)
+            return real_save(obj, f, *args, **kwargs)
+        torch.save = save
+    return _train_rank(rank, world, recipe, False)
+
+
+@pytest.mark.parametrize("compression,victim,target", [(None, 1, "resist_rank"), ({"topk": 0.25, "bits": 8}, 0, "mp_rank")],
+                         ids=["fp32-rank1-own-file", "topk-8bit-rank0-deepspeed-file"])
+def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, compression, victim, target):
+    """A rank is SIGKILLed halfway through writing epoch 2's checkpoint (its own file, or rank
+    0's DeepSpeed file): the other rank fails within the communication timeout, --resume passes
+    over the incomplete checkpoint, continues from epoch 1's, and ends bit-identical to an
     uninterrupted run.  Also with top-k transport, whose baselines and residuals are resumed."""
     _write_idx(tmp_path / "fmnist")
     extra = {"compression": compression} if compression else {}
@@ -50,16 +87,16 @@ def test_resume_after_an_interrupted_save_equals_uninterrupted(tmp_path, compres
     [summary, _] = run_on_ranks(_train_rank, 2, tmp_path / "a", full, False, timeout=300)
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
     part = _recipe(tmp_path, "part", **extra)
-    part["train"]["epochs"] = 2
-    run_on_ranks(_train_rank, 2, tmp_path / "b", part, False, timeout=300)
+    part["train"].update(epochs=2, comm_timeout_minutes=0.1)  # the survivor gives up after 6 s
+    with pytest.raises(AssertionError, match="failed on 1 of 2 ranks"):  # the survivor failed; a hang is a TimeoutError
+        run_on_ranks(_train_rank_killed_in_save, 2, tmp_path / "b", part, victim, target, timeout=120)
     ckpt = tmp_path / "part" / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "epoch0001"
-    (ckpt / "epoch0001" / "resist.json").unlink()  # killed before rank 0 wrote the manifest
-    (ckpt / "epoch0001" / ".resist_rank01.pt.x.tmp").write_bytes(b"half")
+    assert not (ckpt / "epoch0001" / "resist.json").exists()  # no manifest: the checkpoint is incomplete
+    part["train"]["comm_timeout_minutes"] = 15.0  # a resumable key
     from resist_det.resist.checkpoint import resume_tag
 
-    tag, note = resume_tag(ckpt)
-    assert tag == "epoch0000" and "epoch0001 is incomplete" in note
+    assert (ckpt / "latest").read_text().strip() == "epoch0000"  # written after the manifest only
+    assert resume_tag(ckpt)[0] == "epoch0000"
     run_on_ranks(_train_rank, 2, tmp_path / "c", part, True, timeout=300)
     a, rounds_a = _final(tmp_path, "full")
     b, rounds_b = _final(tmp_path, "part")
