@@ -163,7 +163,7 @@ def main() -> int:
     ap.add_argument("--lr-drops", default="7,9", help="comma-separated epochs at which the learning rate is multiplied by 0.1")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit-test", type=int, default=2000)
-    ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP after this many times ResIST's time to target")
+    ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP once it has trained this many times ResIST's time to target")
     ap.add_argument("--full-at", choices=["highest", "all", "none"], default="highest",
                     help="where runs train every epoch (elsewhere they stop at the target); 'none': final accuracy is not measured")
     ap.add_argument("--out", default="runs/bench_cluster")
@@ -200,12 +200,11 @@ def main() -> int:
                 if mode == "ddp" and seed not in ddp_seeds:
                     continue
                 out = Path(args.out) / rate / f"{mode}_s{seed}"
-                timeout = None
+                cap = None
                 if mode == "ddp" and (rate, "resist", seed) in results:
-                    t_res, _ = time_to_target(results[(rate, "resist", seed)], args.target)
-                    timeout = args.ddp_cap * t_res + 60  # + start-up and evaluations
+                    cap = args.ddp_cap * time_to_target(results[(rate, "resist", seed)], args.target)[0]
                 sets = [a for k, v in overrides(args, mode, seed, out).items() for a in ("--set", f"{k}={json.dumps(v)}")]
-                print(f"== {rate}, {mode}, seed {seed}" + (f" (stopped after {timeout:.0f} s)" if timeout else ""), flush=True)
+                print(f"== {rate}, {mode}, seed {seed}" + (f" (stopped after {cap:.0f} s of training)" if cap else ""), flush=True)
                 done = out / "cluster" / "cluster.json"
                 if args.reuse and done.is_file() and json.loads(done.read_text())["returncode"] in (0, 124):
                     code = json.loads(done.read_text())["returncode"]
@@ -213,8 +212,12 @@ def main() -> int:
                 else:
                     full = args.full_at == "all" or (args.full_at == "highest" and rate == args.rates[-1])
                     at_target = None if full else reached_target(out, args.target)
+                    stop = at_target
+                    if cap is not None:  # training time, not wall: start-up (the first broadcast at slow rates) is free
+                        stop = lambda at_target=at_target, cap=cap, out=out: (
+                            (at_target is not None and at_target()) or read_run(out)["trained_seconds"] >= cap)
                     run = run_cluster(recipe, [*sets, "--no-progress"], nodes=args.nodes, rates=node_rates(args.nodes, rate),
-                                      log_dir=out / "cluster", stream=False, timeout=timeout, stop_when=at_target)
+                                      log_dir=out / "cluster", stream=False, stop_when=stop)
                     code = run.returncode
                     if code not in (0, 124):
                         print(Path(run.logs[0]).read_text()[-3000:], file=sys.stderr)
