@@ -140,6 +140,16 @@ def check_data(recipe: Recipe) -> None:
         )
 
 
+def _voc_classes(recipe: Recipe) -> list[str]:
+    """The recipe's class names: its list, the 20 VOC classes, or ([]) those in the training annotations."""
+    from ..data.voc import VOC_CLASSES, collect_classes
+
+    d = recipe.data
+    if d.classes == []:
+        return list(collect_classes(d.root, d.train_sets))
+    return list(d.classes) if d.classes else list(VOC_CLASSES)
+
+
 def preflight(recipe: Recipe) -> list[str]:
     """Check every training and test image before any rank starts (VOC; other kinds are read
     whole when built).  Raises :class:`~resist_det.data.voc.BadImagesError` listing every bad
@@ -147,12 +157,10 @@ def preflight(recipe: Recipe) -> list[str]:
     check_data(recipe)
     if recipe.data.kind != "voc":
         return []
-    from ..data.voc import VOC_CLASSES, BadImagesError, VOCDetection, collect_classes
+    from ..data.voc import BadImagesError, VOCDetection
 
     d = recipe.data
-    classes = list(d.classes) if d.classes else list(VOC_CLASSES)
-    if d.classes == []:
-        classes = list(collect_classes(d.root, d.train_sets))
+    classes = _voc_classes(recipe)
     problems, listed = [], 0
     for role, sets in (("training", d.train_sets), ("test", d.test_sets)):
         ds = VOCDetection(d.root, sets, classes, skip_bad=True)
@@ -174,14 +182,12 @@ def build_task(recipe: Recipe, *, with_train: bool = True) -> Task:
 
 def _detection_task(recipe: Recipe, with_train: bool) -> Task:
     from ..data.transforms import detection_transform
-    from ..data.voc import VOC_CLASSES, VOCDetection, collate_detection, collect_classes
+    from ..data.voc import VOCDetection, collate_detection
     from ..models.yolo import yolo_resnet
     from ..models.yolo_loss import YOLOv2Loss
 
     d, m = recipe.data, recipe.model
-    classes = list(d.classes) if d.classes else list(VOC_CLASSES)
-    if d.classes == []:
-        classes = list(collect_classes(d.root, d.train_sets))
+    classes = _voc_classes(recipe)
     size = m.image_size
     train = None
     if with_train:
