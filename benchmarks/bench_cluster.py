@@ -17,7 +17,8 @@ rate; when stopped, its time to target is reported as a lower bound.  Training i
 at every link rate (the same seeds and data; ``tests/test_cluster.py``), so the runs train every
 epoch only at the highest rate, where that is cheapest, and final accuracy is read there; at the
 other rates they stop once they reach the target (``--full-at all``: every epoch at every rate;
-``--full-at none``: nowhere, final accuracy not measured).  ``--seeds`` run at the lowest
+``--full-at none``: nowhere, final accuracy not measured); only the ``--final-modes`` do, the
+others stop at the target everywhere.  ``--seeds`` run at the lowest
 rate and where final accuracy is read, ``--other-seeds`` elsewhere.  Writes a PNG (accuracy
 against wall time per rate, speedup against link rate) next to ``--record``.
 """
@@ -166,6 +167,8 @@ def main() -> int:
     ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP once it has trained this many times ResIST's time to target")
     ap.add_argument("--full-at", choices=["highest", "all", "none"], default="highest",
                     help="where runs train every epoch (elsewhere they stop at the target); 'none': final accuracy is not measured")
+    ap.add_argument("--final-modes", default="resist,local_sgd",
+                    help="modes whose final accuracy is read (they train every epoch where --full-at says; the others stop at the target)")
     ap.add_argument("--out", default="runs/bench_cluster")
     ap.add_argument("--record", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="summarise runs already finished under --out instead of rerunning them")
@@ -177,8 +180,8 @@ def main() -> int:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     other_seeds = [int(s) for s in args.other_seeds.split(",")]
     ddp_seeds = [int(s) for s in args.ddp_seeds.split(",")]
-    modes = args.modes.split(",")
-    for m in modes:
+    modes, final_modes = args.modes.split(","), args.final_modes.split(",")
+    for m in modes + final_modes:
         split_mode(m)
     try:
         check_privileges()
@@ -210,7 +213,7 @@ def main() -> int:
                     code = json.loads(done.read_text())["returncode"]
                     print("  (reusing the finished run in " + str(out) + ")")
                 else:
-                    full = args.full_at == "all" or (args.full_at == "highest" and rate == args.rates[-1])
+                    full = mode in final_modes and (args.full_at == "all" or (args.full_at == "highest" and rate == args.rates[-1]))
                     at_target = None if full else reached_target(out, args.target)
                     stop = at_target
                     if cap is not None:  # training time, not wall: start-up (the first broadcast at slow rates) is free
@@ -262,10 +265,10 @@ def main() -> int:
         lines.append(f"{rate}: time to {100 * args.target:.0f}%: resist {tr:.1f}s{'' if okr else ' (not reached)'}, "
                      f"local SGD {tl:.1f}s{'' if okl else ' (not reached)'}, ddp {'' if okd else '>'}{td:.1f}s; "
                      f"resist / local SGD {tr / tl:.3f}, resist / ddp {'' if okd else '<'}{tr / td:.3f}; "
-                     + ("runs stopped at the target (final accuracy: where trained in full)"
-                        if any(r["at_target"] for (r_, _, _), r in results.items() if r_ == rate) else
-                        f"final acc resist {accs.get('resist', math.nan):.2f}% local SGD {accs.get('local_sgd', math.nan):.2f}% "
-                        f"ddp {accs.get('ddp', math.nan):.2f}%"))
+                     + ("final acc " + ", ".join(f"{m} {accs[m]:.2f}%" for m in full) if (full := [
+                         m for m in modes if (runs := [r for (r_, m_, _), r in results.items() if (r_, m_) == (rate, m)])
+                         and not any(r["stopped"] for r in runs)])
+                        else "runs stopped at the target (final accuracy: where trained in full)"))
         compressed = {m: mean_t(m) for m in modes if split_mode(m)[1] != 32}
         for m, (tc, okc) in compressed.items():
             lines.append(f"{rate}: {m}: time to {100 * args.target:.0f}% {tc:.1f}s{'' if okc else ' (not reached)'}, "

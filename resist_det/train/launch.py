@@ -90,6 +90,9 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
     if inside:
         check_data(recipe)  # every rank checks its data when it builds it
     else:
+        from .run_lock import RunLock
+
+        RunLock(recipe.train.output_dir).check()  # a folder in use: refused before any rank starts
         skipped = preflight(recipe)  # once, before any rank starts
         if skipped:
             print(f"data.skip_bad: leaving out {len(skipped)} images:\n  " + "\n  ".join(skipped), file=sys.stderr, flush=True)

@@ -34,6 +34,30 @@ class RunLock:
         self.path = Path(out) / LOCK_FILE
         self.held = False
 
+    def _holder(self) -> dict | None:
+        """The live run holding the lock, or None (no lock, or one left by a run that died here)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            holder = {}
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            return None
+        return holder
+
+    def _in_use(self, holder: dict) -> ValueError:
+        return ValueError(
+            f"train.output_dir {self.path.parent} is in use by another run (pid {holder.get('pid')} on "
+            f"{holder.get('host')}, since {holder.get('since')}); choose another output_dir, or delete "
+            f"{self.path} if that run is gone")
+
+    def check(self) -> None:
+        """Refuse now if a live run holds the lock (the launcher's early check; rank 0 still acquires)."""
+        holder = self._holder()
+        if holder is not None:
+            raise self._in_use(holder)
+
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -41,17 +65,11 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    holder = {}
-                if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                holder = self._holder()
+                if holder is None:
                     self.path.unlink(missing_ok=True)  # left by a run that died: take it over
                     continue
-                raise ValueError(
-                    f"train.output_dir {self.path.parent} is in use by another run (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, since {holder.get('since')}); choose another output_dir, or delete "
-                    f"{self.path} if that run is gone") from None
+                raise self._in_use(holder) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
