@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest workers: most tests spend much of their time waiting (rendezvous, timeouts, shaped
+# links, one rank evaluating while the other waits), so two at once fill the cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(VENV)/bin/resist-det demo

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from helpers import write_idx
 from resist_det.cli import app
 from resist_det.cluster import ClusterError, check_privileges, leftovers, parse_rate, run_cluster
+from resist_det.cluster.network import PREFIX
 
 try:
     check_privileges()
@@ -23,9 +24,17 @@ try:
 except ClusterError as e:
     NO_NETWORK = str(e)
 needs_network = pytest.mark.skipif(bool(NO_NETWORK), reason=NO_NETWORK)
+# One pytest worker runs every cluster test: each checks that no emulated machine is left behind.
+pytestmark = pytest.mark.xdist_group("cluster")
 
 WIRE_TOLERANCE = 0.03  # TCP/IP headers, acknowledgements and barriers: wire bytes <= accounted x 1.03
 CLI = [sys.executable, "-m", "resist_det.cli"]
+
+
+def _left(pid: int | None = None) -> list[str]:
+    """What is left of the emulated cluster that process ``pid`` (default: this one) created; a
+    cluster someone else runs on this machine at the same time is not ours to judge."""
+    return leftovers(f"{PREFIX}{(pid or os.getpid()) % 100000}")
 
 
 def _running(marker: str) -> list[int]:
@@ -57,7 +66,7 @@ def test_bad_input_is_refused_before_anything_is_created(tmp_path, args, message
     assert res.exit_code == 1 and message in res.output, res.output
     assert not list(tmp_path.iterdir())
     if not NO_NETWORK:
-        assert leftovers() == []
+        assert _left() == []
 
 
 def test_without_root_one_line_and_nonzero(tmp_path):
@@ -86,7 +95,7 @@ def test_engine_bytes_agree_with_wire_bytes(tmp_path):
         assert r["accounted"] <= r["wire"] <= r["accounted"] * (1 + WIRE_TOLERANCE), (mode, r)
     assert res["resist"]["accounted"] < res["local_sgd"]["accounted"] < res["ddp"]["accounted"]
     assert run.wire_bytes >= sum(r["wire"] for r in res.values())  # the run's NIC counters hold all of it
-    assert leftovers() == []
+    assert _left() == []
 
 
 @needs_network
@@ -114,7 +123,57 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
     epochs = [json.loads(line) for line in (tmp_path / "torchrun" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in epochs if r["event"] == "epoch"][-1]
     assert last["bytes"] <= last["wire_bytes"] <= last["bytes"] * (1 + WIRE_TOLERANCE) + 20_000, last  # + monitoring reductions
-    assert leftovers() == []
+    assert _left() == []
+
+
+@needs_network
+def test_a_lost_node_makes_the_others_exit_within_the_timeout(tmp_path):
+    """A machine lost mid-round: node 1's processes frozen and its NIC down, as after a power loss
+    (no connection is closed, so nothing but the timeout can tell).  Node 0's rank must fail on
+    its own within ``train.comm_timeout_minutes`` (6 s): its launcher then exits, the run ends, and
+    nothing is left behind.  The orchestrator cannot end it early: node 1's launcher never exits."""
+    import threading
+
+    write_idx(tmp_path / "fmnist", n_train=512)
+    recipe = {
+        "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
+                      "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}},
+        "resist": {"mode": "resist", "local_steps": 4, "min_blocks": 2},
+        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
+        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
+        "train": {"epochs": 50, "output_dir": str(tmp_path / "run"), "comm_timeout_minutes": 0.1, "log_every": 1},
+    }
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    lost = {}
+
+    def lose_node_1():  # run_cluster holds the main thread (it owns the signal handlers)
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not (metrics.is_file() and '"step"' in metrics.read_text()):
+            time.sleep(0.2)
+        node1 = [n.split()[1] for n in _left() if n.startswith("netns ") and n.endswith("-n1")]
+        if not node1:
+            return
+        pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", node1[0]], capture_output=True, text=True).stdout.split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        subprocess.run(["ip", "netns", "exec", node1[0], "ip", "link", "set", "eth0", "down"], check=True)
+        lost.update(at=time.monotonic(), pids=pids)
+
+    saboteur = threading.Thread(target=lose_node_1, daemon=True)
+    saboteur.start()
+    run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress"], nodes=2, rates=[1e8] * 2, log_dir=tmp_path / "logs",
+                      stream=False, timeout=300)
+    end = time.monotonic()
+    saboteur.join(timeout=10)
+    assert lost.get("pids"), "training did not start on the cluster, or node 1 had no processes"
+    waited = end - lost["at"]
+    print(f"node 0's run ended {waited:.1f} s after node 1 was lost")  # shown with pytest -s
+    assert run.returncode not in (0, 124), run.returncode  # failed by itself, not stopped by the 300 s limit
+    assert waited < 6 + 45, waited  # the timeout plus the launcher's teardown; not the default 15 minutes
+    log0 = Path(run.logs[0]).read_text()
+    assert "timed out" in log0.lower() or "timeout" in log0.lower(), log0[-3000:]
+    assert _left() == [] and _running(str(tmp_path / "recipe.json")) == []
 
 
 @needs_network
@@ -124,7 +183,7 @@ def test_failing_node_stops_the_others_and_cleans_up(tmp_path):
     t = time.monotonic()
     run = run_cluster(str(script), [], nodes=2, rates=[1e8] * 2, log_dir=tmp_path / "logs", stream=False)
     assert run.returncode != 0 and time.monotonic() - t < 120
-    assert leftovers() == [] and _running(str(script)) == []
+    assert _left() == [] and _running(str(script)) == []
 
 
 @needs_network
@@ -139,11 +198,11 @@ def test_interrupt_removes_everything(tmp_path):
     deadline = time.monotonic() + 120
     while len(_running(str(script))) < 1 + 3 * 2 and time.monotonic() < deadline:  # the tool, agent + worker per node
         time.sleep(0.5)
-    assert leftovers() != []
+    assert _left(proc.pid) != []
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopped and removed" in err, err
-    assert leftovers() == [] and _running(str(script)) == []
+    assert _left(proc.pid) == [] and _running(str(script)) == []
 
 
 def test_plan_predicts_wire_seconds_by_hand():
