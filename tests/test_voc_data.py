@@ -238,6 +238,24 @@ def _break_voc(d: Path) -> dict[str, str]:
     return bad
 
 
+def test_a_decompression_bomb_is_named_not_decoded(tmp_path: Path) -> None:
+    """A PNG whose header claims 30000 x 30000 pixels (a few dozen bytes on disk): the check
+    names it without decoding it, where a data loader would raise mid-epoch."""
+    import struct
+    import zlib
+
+    from resist_det.data.image_check import image_problem
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    problem = image_problem(bomb)
+    assert problem is not None and problem.startswith(f"{bomb}: too large to decode") and "900000000 pixels" in problem
+
+
 def test_preflight_lists_every_bad_image_or_skips_them(tmp_path: Path) -> None:
     from resist_det.data.shapes import SHAPES_CLASSES, write_shapes_dataset
     from resist_det.data.voc import BadImagesError

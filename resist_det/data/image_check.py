@@ -30,6 +30,8 @@ def image_problem(path: Path, expected_size: tuple[int, int] | None = None) -> s
     try:
         with Image.open(path) as im:  # parses the header only
             fmt, size = im.format, im.size
+    except Image.DecompressionBombError as exc:  # a header claiming billions of pixels: decoding it would exhaust memory
+        return f"{path}: too large to decode ({exc})"
     except (OSError, SyntaxError) as exc:
         return f"{path}: not a readable image ({exc})"
     if fmt == "JPEG":
