@@ -9,8 +9,8 @@ and returned as a list indexed by rank.
 
 Workers are forked from one forkserver that imported torch and DeepSpeed once per pytest
 session: importing them costs ~5 s of CPU per process, which a fresh ``spawn`` per rank and per
-test paid again (most of the suite's time).  The server has only imported modules, never run
-a kernel or started a thread, so each fork starts as clean as a spawned process.
+test paid again (most of the suite's time).  The server only imports modules and computes
+nothing, so a fork starts with the state a spawned process would have after the same imports.
 """
 
 from __future__ import annotations
