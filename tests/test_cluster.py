@@ -109,7 +109,7 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
         "resist": {"mode": "resist", "local_steps": 3, "min_blocks": 2},
         "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
         "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
-        "train": {"epochs": 2, "output_dir": str(tmp_path / "local")},
+        "train": {"epochs": 1, "output_dir": str(tmp_path / "local")},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     assert launch(tmp_path / "recipe.json", nproc=2, progress=False) == 0

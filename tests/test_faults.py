@@ -43,7 +43,7 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(line).get("event") == "epoch" for line in metrics.read_text().splitlines()):
+            if metrics.is_file() and any(json.loads(line).get("event") == "step" for line in metrics.read_text().splitlines()):
                 stopped = _rank_pid(str(path), 1)
                 if stopped:
                     break
