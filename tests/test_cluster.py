@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import write_idx
+from test_train import _recipe
 from resist_det.cli import app
 from resist_det.cluster import ClusterError, check_privileges, leftovers, parse_rate, run_cluster
 from resist_det.cluster.network import PREFIX
@@ -135,14 +136,8 @@ def test_a_lost_node_makes_the_others_exit_within_the_timeout(tmp_path):
     import threading
 
     write_idx(tmp_path / "fmnist", n_train=512)
-    recipe = {
-        "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
-                      "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}}},
-        "resist": {"mode": "resist", "local_steps": 4, "min_blocks": 2},
-        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
-        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
-        "train": {"epochs": 50, "output_dir": str(tmp_path / "run"), "comm_timeout_minutes": 0.1, "log_every": 1},
-    }
+    recipe = _recipe(tmp_path, "run", local_steps=4)
+    recipe["train"].update(epochs=50, comm_timeout_minutes=0.1, log_every=1)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     lost = {}
 
