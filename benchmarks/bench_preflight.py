@@ -24,7 +24,7 @@ from resist_det.config import load_recipe
 from resist_det.data.shapes import write_shapes_dataset
 from resist_det.data.voc import BadImagesError
 from resist_det.train.launch import recipe_path
-from resist_det.train.tasks import preflight
+from resist_det.train.preflight import preflight
 
 
 def damage(d: Path) -> list[str]:

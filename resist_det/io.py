@@ -7,9 +7,10 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch loads only where a tensor is written: the launcher never needs it
+    import torch
 
 __all__ = ["standard_json", "tensor_checksums", "atomic_write_text", "atomic_torch_save", "atomic_write_json", "read_json_file"]
 
@@ -51,12 +52,16 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
     return _atomic(Path(path), lambda f: torch.save(obj, f))
 
 
 def tensor_checksums(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """SHA-256 of every tensor's bytes: stored beside the tensors, checked when they load."""
     import hashlib
+
+    import torch
 
     return {k: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, t in state.items()}

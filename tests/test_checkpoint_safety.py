@@ -13,6 +13,9 @@ from helpers import write_idx
 from resist_det.cli import app
 from test_train import _recipe, _train_rank
 
+# One pytest worker runs these: they share one trained run (the module fixture), built once.
+pytestmark = pytest.mark.xdist_group("checkpoint_safety")
+
 
 class _Payload:
     """What a malicious pickle carries: unpickling it runs a shell command."""

@@ -14,7 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import write_idx
-from test_train import _recipe
+from distributed import run_on_ranks
+from test_train import _recipe, _train_rank
 from resist_det.cli import app
 from resist_det.cluster import ClusterError, check_privileges, leftovers, parse_rate, run_cluster
 from resist_det.cluster.network import PREFIX
@@ -101,8 +102,6 @@ def test_engine_bytes_agree_with_wire_bytes(tmp_path):
 
 @needs_network
 def test_two_machines_train_like_two_local_ranks(tmp_path):
-    from resist_det.train.launch import launch
-
     write_idx(tmp_path / "fmnist")
     recipe = {
         "deepspeed": {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.0,
@@ -113,7 +112,7 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
         "train": {"epochs": 1, "output_dir": str(tmp_path / "local")},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    assert launch(tmp_path / "recipe.json", nproc=2, progress=False) == 0
+    run_on_ranks(_train_rank, 2, tmp_path / "ranks", recipe, False, timeout=300)  # 2 ranks on one machine
     for launcher in ("torchrun", "deepspeed"):  # deepspeed: a hostfile, each machine started with --no_ssh --node_rank
         run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress", "--set", f'train.output_dir="{tmp_path / launcher}"'],
                           nodes=2, rates=[1e8] * 2, log_dir=tmp_path / f"logs_{launcher}", stream=False, launcher=launcher)

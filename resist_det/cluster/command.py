@@ -40,7 +40,7 @@ def cluster_command(
             from ..config import load_recipe
             from ..train.launch import recipe_path
             from ..train.loop import parse_overrides
-            from ..train.tasks import check_data
+            from ..train.preflight import check_data
 
             sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
             check_data(load_recipe(recipe_path(target), parse_overrides(sets)))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, load_recipe
-from .tasks import check_data, preflight
+from .preflight import check_data, preflight
 
 __all__ = ["check_resume", "launch", "recipe_path"]
 

@@ -41,6 +41,9 @@ def checkpoint_dir(recipe: Recipe) -> Path:
     return Path(recipe.train.output_dir) / "checkpoints"
 
 
+_WORLD_OF_ONE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     """Join the launcher's process group, or make a one-process group when run alone.
 
@@ -51,11 +54,19 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(dict(zip(_WORLD_OF_ONE_ENV, ("0", "0", "1", "127.0.0.1", str(port)))))
     if not tdist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     return tdist.get_rank(), tdist.get_world_size()
+
+
+def leave_world_of_one() -> None:
+    """Undo what :func:`init_distributed` did for a process run alone: its group and variables."""
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+    for key in _WORLD_OF_ONE_ENV:
+        os.environ.pop(key, None)
 
 
 def _reduce_device() -> torch.device:
@@ -121,19 +132,24 @@ def train(recipe: Recipe, *, resume: bool | str = False, progress: bool = True) 
             resume = True
         except FileNotFoundError:
             resume = False
-    run = setup(recipe)
-    lock, refused = RunLock(run.out), None
-    if run.rank == 0:
-        try:
-            lock.acquire()
-        except (ValueError, OSError) as e:
-            refused = e if isinstance(e, ValueError) else ValueError(f"cannot lock train.output_dir {run.out}: {e}")
-    if _max_over_ranks(refused is not None):  # collective: every rank stops together
-        raise refused or ValueError(f"rank 0 could not lock train.output_dir {run.out}")
+    alone = "RANK" not in os.environ
     try:
-        return _train(run, resume, progress)
+        run = setup(recipe)
+        lock, refused = RunLock(run.out), None
+        if run.rank == 0:
+            try:
+                lock.acquire()
+            except (ValueError, OSError) as e:
+                refused = e if isinstance(e, ValueError) else ValueError(f"cannot lock train.output_dir {run.out}: {e}")
+        if _max_over_ranks(refused is not None):  # collective: every rank stops together
+            raise refused or ValueError(f"rank 0 could not lock train.output_dir {run.out}")
+        try:
+            return _train(run, resume, progress)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if alone:  # leave the process as found: a later launch must not think a launcher started it
+            leave_world_of_one()
 
 
 def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:

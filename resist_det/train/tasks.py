@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import Recipe
+from .preflight import check_data, voc_classes
 
-__all__ = ["Task", "build_task", "check_data", "preflight"]
+__all__ = ["Task", "build_task"]
 
 
 @dataclass
@@ -128,50 +129,6 @@ def _limit(ds: Dataset, n: int | None) -> Dataset:
     return Subset(ds, range(min(n, len(ds)))) if n is not None else ds
 
 
-def check_data(recipe: Recipe) -> None:
-    """Fail early (before ranks start) when the dataset folder is missing."""
-    from pathlib import Path
-
-    root = Path(recipe.data.root)
-    if not root.exists():
-        raise FileNotFoundError(
-            f"data.root: dataset folder not found: {root} (datasets are never downloaded; "
-            f"put the {recipe.data.kind} data there or change data.root)"
-        )
-
-
-def _voc_classes(recipe: Recipe) -> list[str]:
-    """The recipe's class names: its list, the 20 VOC classes, or ([]) those in the training annotations."""
-    from ..data.voc import VOC_CLASSES, collect_classes
-
-    d = recipe.data
-    if d.classes == []:
-        return list(collect_classes(d.root, d.train_sets))
-    return list(d.classes) if d.classes else list(VOC_CLASSES)
-
-
-def preflight(recipe: Recipe) -> list[str]:
-    """Check every training and test image before any rank starts (VOC; other kinds are read
-    whole when built).  Raises :class:`~resist_det.data.voc.BadImagesError` listing every bad
-    image, or with ``data.skip_bad`` returns those problems (the ranks leave the images out)."""
-    check_data(recipe)
-    if recipe.data.kind != "voc":
-        return []
-    from ..data.voc import BadImagesError, VOCDetection
-
-    d = recipe.data
-    classes = _voc_classes(recipe)
-    problems, listed = [], 0
-    for role, sets in (("training", d.train_sets), ("test", d.test_sets)):
-        ds = VOCDetection(d.root, sets, classes, skip_bad=True)
-        listed += len(ds) + len(ds.skipped)
-        problems += [f"{role}: {p}" for p in ds.skipped]
-    if problems and not d.skip_bad:
-        raise BadImagesError(f"{len(problems)} of the {listed} training and test images cannot be used; set data.skip_bad "
-                             f"(resist-det train --skip-bad) to leave them out:\n  " + "\n  ".join(problems))
-    return problems
-
-
 def build_task(recipe: Recipe, *, with_train: bool = True) -> Task:
     """Datasets (read from disk, never downloaded), model factory and loss for ``recipe``."""
     check_data(recipe)
@@ -187,7 +144,7 @@ def _detection_task(recipe: Recipe, with_train: bool) -> Task:
     from ..models.yolo_loss import YOLOv2Loss
 
     d, m = recipe.data, recipe.model
-    classes = _voc_classes(recipe)
+    classes = voc_classes(recipe)
     size = m.image_size
     train = None
     if with_train:
