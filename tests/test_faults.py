@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from distributed import run_on_ranks
 from helpers import write_idx
 from test_train import _recipe, _train_rank
@@ -105,8 +107,6 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
     with RunLock(tmp_path) as lock:
         assert lock.path.is_file()
-        import pytest
-
         with pytest.raises(ValueError, match=rf"train.output_dir {tmp_path} is in use by another run \(pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     assert not (tmp_path / ".resist_det.lock").exists()
@@ -117,9 +117,36 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         assert json.loads((tmp_path / ".resist_det.lock").read_text())["pid"] == os.getpid()
 
 
-def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
-    """SIGKILL of one rank mid-run under --max-restarts 1: the launcher is started again, the ranks
-    resume from the newest complete checkpoint (--resume auto), and the final weights equal
+# Loaded by every Python process of the run through PYTHONPATH; only rank 1 acts on it.  Once the
+# first checkpoint is complete, rank 1 stops itself at its next sync, after the shared layers are
+# averaged and before the blocks are routed, and writes its PID for the test to SIGKILL.
+_STOP_IN_SYNC = """
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("FAULT_PID_FILE"):
+    import signal
+    from pathlib import Path
+
+    import resist_det.resist.strategies as strategies
+
+    real = strategies.route_blocks
+
+    def route_blocks(*args, **kwargs):
+        pid_file = Path(os.environ["FAULT_PID_FILE"])
+        if Path(os.environ["FAULT_AFTER"]).is_file() and not pid_file.exists():
+            pid_file.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return real(*args, **kwargs)
+
+    strategies.route_blocks = route_blocks
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-round", "mid-sync"])
+def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path, when):
+    """SIGKILL of rank 1 (by PID, from the test) under --max-restarts 1, after the first checkpoint:
+    at a moment of the round (mid-round) or inside a sync, between the shared-layer average and
+    the block routing (mid-sync).  The launcher reports the failed rank and starts again, the
+    ranks resume from the newest complete checkpoint (--resume auto), and the final weights equal
     an uninterrupted run's."""
     import torch
 
@@ -132,15 +159,29 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
         paths[name].write_text(json.dumps(recipe))
     base = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress"]
     run_on_ranks(_train_rank, 2, tmp_path / "ranks", json.loads(paths["clean"].read_text()), False, timeout=300)
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    pid_file = tmp_path / "stopped_rank.pid"
+    env = dict(os.environ)
+    if when == "mid-sync":
+        (tmp_path / "inject").mkdir()
+        (tmp_path / "inject" / "sitecustomize.py").write_text(_STOP_IN_SYNC)
+        env.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "inject"), *sys.path]), FAULT_PID_FILE=str(pid_file),
+                   FAULT_AFTER=str(latest))
     proc = subprocess.Popen([*base, "--max-restarts", "1", str(paths["killed"])], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
     try:
-        latest = tmp_path / "killed" / "checkpoints" / "latest"
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not (latest.is_file() and latest.read_text().strip() == "epoch0000"):
+        victim = None
+        while time.monotonic() < deadline and proc.poll() is None and not victim:
+            if when == "mid-sync":
+                victim = int(pid_file.read_text()) if pid_file.is_file() and pid_file.read_text() else None
+            elif latest.is_file() and latest.read_text().strip() == "epoch0000":
+                victim = _rank_pid(str(paths["killed"]), 1)
             time.sleep(0.2)
-        victim = _rank_pid(str(paths["killed"]), 1)
-        assert victim, "training did not reach epoch 1"
+        assert victim, f"training did not reach epoch 1 ({when})"
+        if when == "mid-sync":
+            while _state(victim) != "T":  # wait until it has stopped itself inside the sync
+                time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
@@ -148,6 +189,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    assert "restart 1 of 1" in out and "local_rank: 1" in out, out[-3000:]  # the failed rank is named
     a = torch.load(tmp_path / "clean" / "global_model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "global_model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
