@@ -39,7 +39,9 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
     path = tmp_path / "frozen_recipe.json"
     path.write_text(json.dumps(recipe))
     cmd = [sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "output.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     stopped = None
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
@@ -53,11 +55,17 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         assert stopped, "training did not start"
         os.kill(stopped, signal.SIGSTOP)  # frozen, as a partitioned or hung machine: no connection closes
         t0 = time.monotonic()
-        out, _ = proc.communicate(timeout=120)
-        waited = time.monotonic() - t0
+        while time.monotonic() - t0 < 120 and proc.poll() is None and "timed out" not in log.read_text().lower():
+            time.sleep(0.2)
+        detected = time.monotonic() - t0
+        # A frozen machine's processes are not the launcher's to wait for (on another machine they
+        # are gone); here they would hold torchrun's 30 s teardown grace, so they end now.
+        os.kill(stopped, signal.SIGKILL)
+        proc.wait(timeout=120)
+        out = log.read_text()
         assert proc.returncode != 0
-        assert waited < 6 + 45, waited  # the timeout plus the launcher's teardown; not 30 minutes
-        assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+        assert "timed out" in out.lower(), out[-3000:]
+        assert detected < 6 + 20, detected  # the timeout plus the time to report it; not 30 minutes
     finally:
         if stopped:
             try:
@@ -141,13 +149,12 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT_PID_FILE"):
 """
 
 
-@pytest.mark.parametrize("when", ["mid-round", "mid-sync"])
-def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path, when):
-    """SIGKILL of rank 1 (by PID, from the test) under --max-restarts 1, after the first checkpoint:
-    at a moment of the round (mid-round) or inside a sync, between the shared-layer average and
-    the block routing (mid-sync).  The launcher reports the failed rank and starts again, the
-    ranks resume from the newest complete checkpoint (--resume auto), and the final weights equal
-    an uninterrupted run's."""
+def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
+    """Rank 1 SIGKILLed twice (by PID, from the test) under --max-restarts 2: after the first
+    checkpoint inside a sync, between the shared-layer average and the block routing; then, after
+    the restart and the second checkpoint, at a moment of the round.  Each time the launcher
+    reports the failed rank and starts again, the ranks resume from the newest complete checkpoint
+    (--resume auto), and the final weights equal an uninterrupted run's."""
     import torch
 
     write_idx(tmp_path / "fmnist", n_train=128)
@@ -157,45 +164,46 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
         recipe["train"]["epochs"] = 3
         paths[name] = tmp_path / f"{name}_recipe.json"
         paths[name].write_text(json.dumps(recipe))
-    base = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress"]
     run_on_ranks(_train_rank, 2, tmp_path / "ranks", json.loads(paths["clean"].read_text()), False, timeout=300)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
     pid_file = tmp_path / "stopped_rank.pid"
-    env = dict(os.environ)
-    if when == "mid-sync":
-        (tmp_path / "inject").mkdir()
-        (tmp_path / "inject" / "sitecustomize.py").write_text(_STOP_IN_SYNC)
-        env.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "inject"), *sys.path]), FAULT_PID_FILE=str(pid_file),
-                   FAULT_AFTER=str(latest))
-    proc = subprocess.Popen([*base, "--max-restarts", "1", str(paths["killed"])], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
-    try:
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_STOP_IN_SYNC)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), *sys.path]),
+           "FAULT_PID_FILE": str(pid_file), "FAULT_AFTER": str(latest)}
+    cmd = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress", "--max-restarts", "2",
+           str(paths["killed"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+
+    def wait_for(what, found):
         deadline = time.monotonic() + 180
-        victim = None
-        while time.monotonic() < deadline and proc.poll() is None and not victim:
-            if when == "mid-sync":
-                victim = int(pid_file.read_text()) if pid_file.is_file() and pid_file.read_text() else None
-            elif latest.is_file() and latest.read_text().strip() == "epoch0000":
-                victim = _rank_pid(str(paths["killed"]), 1)
-            time.sleep(0.2)
-        assert victim, f"training did not reach epoch 1 ({when})"
-        if when == "mid-sync":
-            while _state(victim) != "T":  # wait until it has stopped itself inside the sync
-                time.sleep(0.05)
-        os.kill(victim, signal.SIGKILL)
+        while time.monotonic() < deadline and proc.poll() is None:
+            if value := found():
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"training did not reach {what}")
+
+    try:
+        victim = wait_for("a sync after epoch 1", lambda: pid_file.is_file() and pid_file.read_text() and int(pid_file.read_text()))
+        wait_for("the stop inside the sync", lambda: _state(victim) == "T")
+        os.kill(victim, signal.SIGKILL)  # mid-sync
+        wait_for("epoch 2 after the restart", lambda: latest.is_file() and latest.read_text().strip() == "epoch0001")
+        victim = wait_for("rank 1 of the restarted run", lambda: _rank_pid(str(paths["killed"]), 1))
+        os.kill(victim, signal.SIGKILL)  # mid-round
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert "restart 1 of 1" in out and "local_rank: 1" in out, out[-3000:]  # the failed rank is named
+    assert "restart 1 of 2" in out and "restart 2 of 2" in out, out[-3000:]
+    assert out.count("local_rank: 1") >= 2, out[-3000:]  # the failed rank is named, each time
     a = torch.load(tmp_path / "clean" / "global_model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "global_model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "epoch"]
-    assert epochs == [0, 1, 2]  # the epoch cut short is logged once, after the restart
+    assert epochs == [0, 1, 2]  # each epoch cut short is logged once, after its restart
 
 
 def test_two_runs_started_together_do_not_collide(tmp_path):
