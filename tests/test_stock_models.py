@@ -79,10 +79,10 @@ def _detector(arch):
         # Fewer proposals and sampled RoIs than the defaults (sized for 800-px images): the
         # box head on 512 RoIs per image was most of this test's CPU time.
         return torchvision.models.detection.FasterRCNN(
-            backbone, num_classes=4, min_size=128, max_size=128, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
+            backbone, num_classes=4, min_size=96, max_size=96, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
             rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50, box_batch_size_per_image=64)
     return torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=4,
-                                                              min_size=128, max_size=128, topk_candidates=100)
+                                                              min_size=96, max_size=96, topk_candidates=100)
 
 
 def _shapes(root, split):
@@ -138,7 +138,7 @@ def _detection_script(rank, world, root, arch):
 def shapes_root(tmp_path_factory):
     from resist_det.data.shapes import write_shapes_dataset
 
-    return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 40, image_size=128, seed=3))
+    return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 40, image_size=96, seed=3))
 
 
 @pytest.mark.parametrize("arch,cls", [("fasterrcnn", "FasterRCNN"), ("retinanet", "RetinaNet")])
