@@ -61,6 +61,15 @@ def shared_snapshot(engine):
     return {n: t.clone() for n, t in engine.module.state_dict().items() if ".slots." not in n and t.is_floating_point()}
 
 
+def shared_digest(engine):
+    """SHA-256 of each tensor of :func:`shared_snapshot`: equal digests on every rank mean
+    identical tensors, without pickling a large network back from each rank."""
+    import hashlib
+
+    return {n: hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for n, t in shared_snapshot(engine).items()}
+
+
 def write_idx(folder, n_train=64, n_test=32, seed=0):
     """A tiny Fashion-MNIST in its IDX form: the label is the brightest quadrant of a noisy image."""
     rng = np.random.default_rng(seed)

@@ -46,7 +46,7 @@ def _flip(path, n=4096):
     path.write_bytes(bytes(data))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: built once even when other modules' tests run in between
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("safety")
     write_idx(tmp / "fmnist")

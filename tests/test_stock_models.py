@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_on_ranks
-from helpers import shared_snapshot
+from helpers import shared_digest
 
 
 # ---- torchvision resnet50, unmodified ---------------------------------------------------------
@@ -34,7 +34,7 @@ def _resnet50_script(rank, world):
         x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 10, (2,), generator=gen)
         engine.backward(F.cross_entropy(engine(x), y))
         engine.step()
-    out = dict(rounds=engine.round, shared=shared_snapshot(engine), held=list(engine.section.slot_blocks),
+    out = dict(rounds=engine.round, shared=shared_digest(engine), held=list(engine.section.slot_blocks),
                names=engine.block_names, params=sum(p.numel() for p in engine.module.parameters()))
     hooked = engine.global_model(fold=False)
     folded = engine.global_model()
@@ -56,8 +56,7 @@ def test_stock_resnet50_drop_in(tmp_path, world):
     for r in res:
         assert r["rounds"] == 2
         assert 0 < len(r["held"]) < len(names)  # no rank holds every layer3 block
-        for k, v in r["shared"].items():  # after the sync: shared layers identical on every rank
-            assert torch.equal(v, res[0]["shared"][k]), k
+        assert r["shared"] == res[0]["shared"]  # after the sync: shared layers identical on every rank
     full = torchvision.models.resnet50(num_classes=10)
     block = sum(p.numel() for p in full.layer3[1].parameters())
     k = len(res[0]["held"])
@@ -174,7 +173,7 @@ def _vit_script(rank, world):
         x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
         engine.backward(F.cross_entropy(engine(x), y))
         engine.step()
-    out = dict(names=engine.block_names, held=list(engine.section.slot_blocks), shared=shared_snapshot(engine))
+    out = dict(names=engine.block_names, held=list(engine.section.slot_blocks), shared=shared_digest(engine))
     hooked, folded = engine.global_model(fold=False), engine.global_model()
     if rank == 0:
         plain = _tiny_vit()
@@ -189,7 +188,7 @@ def test_vit_partitions_encoder_layers(tmp_path):
     assert res[0]["names"] == [f"encoder.layers.encoder_layer_{i}" for i in range(8)]
     for r in res:
         assert len(r["held"]) == 4
-        assert all(torch.equal(v, res[0]["shared"][k]) for k, v in r["shared"].items())
+        assert r["shared"] == res[0]["shared"]
     torch.testing.assert_close(res[0]["plain_out"], res[0]["hooked_out"], rtol=1e-4, atol=1e-5)
 
 
