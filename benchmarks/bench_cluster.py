@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time to accuracy on emulated machines over bandwidth-limited links (needs root).
 
-    python benchmarks/bench_cluster.py [--nodes 4] [--rates 1mbit,50mbit,1gbit] [--seeds 0,1]
+    python benchmarks/bench_cluster.py [--nodes 4] [--rates 500kbit,1mbit,50mbit,1gbit] [--seeds 0,1]
         [--other-seeds 0] [--target 0.80] [--epochs 10] [--record benchmarks/results/cluster.txt]
 
 Real data (Fashion-MNIST, ``apt-get install dataset-fashion-mnist``), ``--nodes`` emulated
@@ -152,7 +152,7 @@ def _mean(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=4)
-    ap.add_argument("--rates", default="1mbit,50mbit,1gbit", help="comma-separated, lowest first (tc units)")
+    ap.add_argument("--rates", default="500kbit,1mbit,50mbit,1gbit", help="comma-separated, lowest first (tc units)")
     ap.add_argument("--seeds", default="0,1", help="seeds at the lowest and the highest rate")
     ap.add_argument("--other-seeds", default="0", help="seeds at the other rates")
     ap.add_argument("--ddp-seeds", default="0", help="seeds for data parallel (it is the slow one)")
