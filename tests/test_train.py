@@ -114,6 +114,26 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
     assert "module" not in rank0 and "optimizer" not in rank0 and "module" in rank1 and "optimizer" in rank1
 
 
+def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch):
+    """``resist-det train --nproc 1`` trains in this process (a world of one): afterwards no
+    process group and no RANK/WORLD_SIZE remain, so a later launch here is not taken for a rank
+    started by a launcher (it would train a world of one whatever --nproc says)."""
+    import os
+
+    import torch.distributed as dist
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    _write_idx(tmp_path / "fmnist", n_train=32, n_test=8)
+    recipe = _recipe(tmp_path, "alone")
+    recipe["train"]["epochs"] = 1
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.json"), "--nproc", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "alone" / "global_model.pt").is_file()
+    assert not dist.is_initialized() and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+
+
 def test_cli_eval_of_a_trained_classifier(tmp_path):
     _write_idx(tmp_path / "fmnist")
     recipe = _recipe(tmp_path, "one", mode="local_sgd")
