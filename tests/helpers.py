@@ -70,6 +70,16 @@ def shared_digest(engine):
             for n, t in shared_snapshot(engine).items()}
 
 
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` in /proc (``T``: stopped); ``Z`` once it is gone."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def write_idx(folder, n_train=64, n_test=32, seed=0):
     """A tiny Fashion-MNIST in its IDX form: the label is the brightest quadrant of a noisy image."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distributed import run_on_ranks
-from helpers import write_idx
+from helpers import process_state, write_idx
 from test_train import _recipe, _train_rank
 
 
@@ -95,19 +95,12 @@ def test_sigterm_to_the_cli_stops_the_launcher_and_every_rank(tmp_path):
         os.kill(proc.pid, signal.SIGTERM)  # what a scheduler sends, to the CLI only
         proc.wait(timeout=60)
         time.sleep(1)
-        alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)]
+        alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "Z" not in process_state(pid)]
         assert not alive and _rank_pid(str(path), 0) is None and _rank_pid(str(path), 1) is None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
@@ -185,7 +178,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
 
     try:
         victim = wait_for("a sync after epoch 1", lambda: pid_file.is_file() and pid_file.read_text() and int(pid_file.read_text()))
-        wait_for("the stop inside the sync", lambda: _state(victim) == "T")
+        wait_for("the stop inside the sync", lambda: process_state(victim) == "T")
         os.kill(victim, signal.SIGKILL)  # mid-sync
         wait_for("epoch 2 after the restart", lambda: latest.is_file() and latest.read_text().strip() == "epoch0001")
         victim = wait_for("rank 1 of the restarted run", lambda: _rank_pid(str(paths["killed"]), 1))

@@ -1,13 +1,17 @@
 """The training loop, resume, the CLI's checks and the evaluation of saved global networks."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from distributed import run_on_ranks
-from helpers import write_idx as _write_idx
+from helpers import process_state, write_idx as _write_idx
 from resist_det.cli import app
 
 
@@ -39,12 +43,14 @@ def _final(tmp_path, out):
 
 
 def _train_rank_killed_in_save(rank, world, recipe, victim, target):
-    """``_train_rank``, but rank ``victim`` dies by SIGKILL halfway through writing its epoch-2
-    checkpoint file: its own state (``resist_rank``, written to a temporary file and renamed) or
-    DeepSpeed's model file (``mp_rank``, written in place)."""
+    """``_train_rank``, but rank ``victim`` stops (SIGSTOP) halfway through writing its epoch-2
+    checkpoint file, its PID in ``victim.pid`` beside the output folder, for the test to SIGKILL:
+    its own state (``resist_rank``, written to a temporary file and renamed) or DeepSpeed's model
+    file (``mp_rank``, written in place)."""
     import io
     import os
     import signal
+    from pathlib import Path
 
     import resist_det.resist.checkpoint as ckpt_module
 
@@ -55,7 +61,9 @@ def _train_rank_killed_in_save(rank, world, recipe, victim, target):
             f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
             f.flush()
             os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        pid_file = Path(recipe["train"]["output_dir"]).parent / "victim.pid"
+        pid_file.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs this PID
 
     real_save, real_atomic = torch.save, ckpt_module.atomic_torch_save
     if rank == victim and target == "resist_rank":
@@ -88,8 +96,22 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
     part = _recipe(tmp_path, "part", **extra)
     part["train"].update(epochs=2, comm_timeout_minutes=0.1)  # the survivor gives up after 6 s
+    killed = []
+
+    def kill_the_stopped_rank():  # SIGKILL by PID, from the test, while the file is half written
+        pid_file, deadline = tmp_path / "victim.pid", time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if pid_file.is_file() and pid_file.read_text() and process_state(int(pid_file.read_text())) == "T":
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                killed.append(int(pid_file.read_text()))
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_stopped_rank, daemon=True)
+    killer.start()
     with pytest.raises(AssertionError, match="failed on 1 of 2 ranks"):  # the survivor failed; a hang is a TimeoutError
         run_on_ranks(_train_rank_killed_in_save, 2, tmp_path / "b", part, victim, target, timeout=120)
+    killer.join(timeout=5)
+    assert killed, "the victim never stopped inside its save"
     ckpt = tmp_path / "part" / "checkpoints"
     assert not (ckpt / "epoch0001" / "resist.json").exists()  # no manifest: the checkpoint is incomplete
     part["train"]["comm_timeout_minutes"] = 15.0  # a resumable key
@@ -118,8 +140,6 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
     """``resist-det train --nproc 1`` trains in this process (a world of one): afterwards no
     process group and no RANK/WORLD_SIZE remain, so a later launch here is not taken for a rank
     started by a launcher (it would train a world of one whatever --nproc says)."""
-    import os
-
     import torch.distributed as dist
 
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
