@@ -147,11 +147,13 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
     _write_idx(tmp_path / "fmnist", n_train=32, n_test=8)
     recipe = _recipe(tmp_path, "alone")
     recipe["train"]["epochs"] = 1
-    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.json"), "--nproc", "1", "--no-progress"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "alone" / "global_model.pt").is_file()
-    assert not dist.is_initialized() and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    for out in ("alone", "again"):  # the second run here must not meet groups of the first's world
+        recipe["train"]["output_dir"] = str(tmp_path / out)
+        (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+        result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.json"), "--nproc", "1", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / out / "global_model.pt").is_file()
+        assert not dist.is_initialized() and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 
 
 def test_cli_eval_of_a_trained_classifier(tmp_path):

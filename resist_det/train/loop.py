@@ -63,8 +63,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
 
 def leave_world_of_one() -> None:
     """Undo what :func:`init_distributed` did for a process run alone: its group and variables."""
+    import deepspeed.comm
+
     if tdist.is_initialized():
-        tdist.destroy_process_group()
+        # through deepspeed.comm, which also drops the groups DeepSpeed cached (its world clone):
+        # a later engine in this process would otherwise be handed a group of the destroyed world
+        deepspeed.comm.destroy_process_group()
     for key in _WORLD_OF_ONE_ENV:
         os.environ.pop(key, None)
 
