@@ -7,8 +7,8 @@ exception is re-raised in pytest with the worker's traceback; a hang fails loudl
 ``timeout`` seconds and every worker is killed.  Values returned by ``fn`` are pickled back
 and returned as a list indexed by rank.
 
-Workers are forked from one forkserver that imported torch and DeepSpeed once per pytest
-session: importing them costs ~5 s of CPU per process, which a fresh ``spawn`` per rank and per
+Workers are forked from one forkserver that imported torch, DeepSpeed, torchvision and the
+project once per pytest session: importing them costs ~9 s of CPU per process, which a fresh ``spawn`` per rank and per
 test paid again (most of the suite's time).  The server only imports modules and computes
 nothing, so a fork starts with the state a spawned process would have after the same imports.
 """
@@ -27,7 +27,10 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-_PRELOAD = ["torch", "torch.distributed", "deepspeed", "resist_det.resist.engine", "helpers"]
+# torchvision too: most ranks build a network or read data through it, and its import (which
+# pulls in torch._dynamo) costs another ~3.5 s of CPU per process.
+_PRELOAD = ["torch", "torch.distributed", "deepspeed", "torchvision", "resist_det.resist.engine", "resist_det.models",
+            "resist_det.train.loop", "resist_det.train.tasks", "helpers"]
 _CTX = None
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,12 +77,24 @@ def shared_digest(engine):
 
 def process_state(pid: int) -> str:
     """The state letter of process ``pid`` in /proc (``T``: stopped); ``Z`` once it is gone."""
-    from pathlib import Path
-
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def kill_when_stopped(pid_file: Path, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> int | None:
+    """Wait until ``pid_file`` names a process that has stopped itself (SIGSTOP at the moment a
+    fault test wants), SIGKILL it and return its PID: a crash at exactly that point.  None if
+    that does not happen within ``timeout`` seconds or while ``keep_waiting()`` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and keep_waiting():
+        text = pid_file.read_text().strip() if pid_file.is_file() else ""
+        if text and process_state(int(text)) == "T":
+            os.kill(int(text), signal.SIGKILL)
+            return int(text)
+        time.sleep(0.05)
+    return None
 
 
 def write_idx(folder, n_train=64, n_test=32, seed=0):

@@ -4,14 +4,13 @@ import json
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from distributed import run_on_ranks
-from helpers import process_state, write_idx as _write_idx
+from helpers import kill_when_stopped, write_idx as _write_idx
 from resist_det.cli import app
 
 
@@ -81,6 +80,7 @@ def _train_rank_killed_in_save(rank, world, recipe, victim, target):
     return _train_rank(rank, world, recipe, False)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("compression,victim,target", [(None, 1, "resist_rank"), ({"topk": 0.25, "bits": 8}, 0, "mp_rank")],
                          ids=["fp32-rank1-own-file", "topk-8bit-rank0-deepspeed-file"])
 def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, compression, victim, target):
@@ -96,22 +96,13 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
     part = _recipe(tmp_path, "part", **extra)
     part["train"].update(epochs=2, comm_timeout_minutes=0.1)  # the survivor gives up after 6 s
-    killed = []
-
-    def kill_the_stopped_rank():  # SIGKILL by PID, from the test, while the file is half written
-        pid_file, deadline = tmp_path / "victim.pid", time.monotonic() + 240
-        while time.monotonic() < deadline and not killed:
-            if pid_file.is_file() and pid_file.read_text() and process_state(int(pid_file.read_text())) == "T":
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-                killed.append(int(pid_file.read_text()))
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_the_stopped_rank, daemon=True)
+    killed = []  # SIGKILL by PID, from the test, while the file is half written
+    killer = threading.Thread(target=lambda: killed.append(kill_when_stopped(tmp_path / "victim.pid", 240)), daemon=True)
     killer.start()
     with pytest.raises(AssertionError, match="failed on 1 of 2 ranks"):  # the survivor failed; a hang is a TimeoutError
         run_on_ranks(_train_rank_killed_in_save, 2, tmp_path / "b", part, victim, target, timeout=120)
     killer.join(timeout=5)
-    assert killed, "the victim never stopped inside its save"
+    assert killed and killed[0], "the victim never stopped inside its save"
     ckpt = tmp_path / "part" / "checkpoints"
     assert not (ckpt / "epoch0001" / "resist.json").exists()  # no manifest: the checkpoint is incomplete
     part["train"]["comm_timeout_minutes"] = 15.0  # a resumable key
