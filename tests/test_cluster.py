@@ -81,7 +81,6 @@ def test_without_root_one_line_and_nonzero(tmp_path):
 
 
 @needs_network
-@pytest.mark.long
 def test_engine_bytes_agree_with_wire_bytes(tmp_path):
     script = Path(__file__).with_name("cluster_modes.py")
     for attempt in range(2):
@@ -102,7 +101,6 @@ def test_engine_bytes_agree_with_wire_bytes(tmp_path):
 
 
 @needs_network
-@pytest.mark.long
 def test_two_machines_train_like_two_local_ranks(tmp_path):
     write_idx(tmp_path / "fmnist")
     recipe = {
@@ -129,7 +127,6 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
 
 
 @needs_network
-@pytest.mark.long
 def test_a_lost_node_makes_the_others_exit_within_the_timeout(tmp_path):
     """A machine lost mid-round: node 1's processes frozen and its NIC down, as after a power loss
     (no connection is closed, so nothing but the timeout can tell).  Node 0's rank must fail on

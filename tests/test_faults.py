@@ -31,7 +31,6 @@ def _rank_pid(marker: str, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.long
 def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
     write_idx(tmp_path / "fmnist", n_train=512)
     recipe = _recipe(tmp_path, "run")
@@ -117,7 +116,6 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT_PID_FILE"):
 """
 
 
-@pytest.mark.long
 def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
     """Rank 1 SIGKILLed twice (by PID, from the test) under --max-restarts 2: after the first
     checkpoint inside a sync, between the shared-layer average and the block routing; then, after
@@ -174,7 +172,6 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
     assert epochs == [0, 1, 2]  # each epoch cut short is logged once, after its restart
 
 
-@pytest.mark.long
 def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):
     """Two CLI runs started at the same moment with separate output folders both train: no port
     or file collision.  SIGTERM to one CLI (what a scheduler sends, to the CLI only) stops its

@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.mark.long
 def test_readme_dropin_example_runs(tmp_path):
     text = README.read_text()
     block = re.search(r"<!-- dropin:start -->\s*```python\n(.*?)```\s*<!-- dropin:end -->", text, re.S)

@@ -46,7 +46,6 @@ def _resnet50_script(rank, world):
     return out
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("world", [2, 4])
 def test_stock_resnet50_drop_in(tmp_path, world):
     import torchvision
@@ -141,7 +140,6 @@ def shapes_root(tmp_path_factory):
     return str(write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 40, image_size=96, seed=3))
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("arch,cls", [("fasterrcnn", "FasterRCNN"), ("retinanet", "RetinaNet")])
 def test_torchvision_detector_trains_with_resist(tmp_path, shapes_root, arch, cls):
     res = run_on_ranks(_detection_script, 2, tmp_path, shapes_root, arch, timeout=400)

@@ -80,7 +80,6 @@ def _train_rank_killed_in_save(rank, world, recipe, victim, target):
     return _train_rank(rank, world, recipe, False)
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("compression,victim,target", [(None, 1, "resist_rank"), ({"topk": 0.25, "bits": 8}, 0, "mp_rank")],
                          ids=["fp32-rank1-own-file", "topk-8bit-rank0-deepspeed-file"])
 def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, compression, victim, target):
