@@ -13,8 +13,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Two pytest workers: most tests spend much of their time waiting (rendezvous, timeouts, shaped
-# links, one rank evaluating while the other waits), so two at once fill the cores.
+# Two pytest workers, one per core of the 2-core machines the project is tested on (a third made it slower).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
