@@ -8,8 +8,8 @@ exception is re-raised in pytest with the worker's traceback; a hang fails loudl
 and returned as a list indexed by rank.
 
 Workers are forked from one forkserver that imported torch, DeepSpeed, torchvision and the
-project once per pytest session: importing them costs ~9 s of CPU per process, which a fresh ``spawn`` per rank and per
-test paid again (most of the suite's time).  The server only imports modules and computes
+project once per pytest session: importing them costs ~9 s of CPU per process, which a fresh
+``spawn`` per rank and per test paid again (most of the suite's time).  The server only imports modules and computes
 nothing, so a fork starts with the state a spawned process would have after the same imports.
 """
 
