@@ -8,6 +8,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,18 +84,35 @@ def process_state(pid: int) -> str:
         return "Z"
 
 
+def wait_until(found: Callable[[], Any], timeout: float, keep_waiting: Callable[[], bool] = lambda: True,
+               poll: float = 0.1) -> Any:
+    """Poll ``found()`` until it returns something true, and return that; None once ``timeout``
+    seconds pass or ``keep_waiting()`` turns false (the process watched has ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and keep_waiting():
+        if value := found():
+            return value
+        time.sleep(poll)
+    return None
+
+
+def logged_a_step(metrics: Path) -> bool:
+    """Whether a run's ``metrics.jsonl`` holds a training-step record yet (training has started)."""
+    return metrics.is_file() and '"step"' in metrics.read_text()
+
+
 def kill_when_stopped(pid_file: Path, timeout: float, keep_waiting: Callable[[], bool] = lambda: True) -> int | None:
     """Wait until ``pid_file`` names a process that has stopped itself (SIGSTOP at the moment a
     fault test wants), SIGKILL it and return its PID: a crash at exactly that point.  None if
     that does not happen within ``timeout`` seconds or while ``keep_waiting()`` holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and keep_waiting():
+    def stopped() -> int | None:
         text = pid_file.read_text().strip() if pid_file.is_file() else ""
-        if text and process_state(int(text)) == "T":
-            os.kill(int(text), signal.SIGKILL)
-            return int(text)
-        time.sleep(0.05)
-    return None
+        return int(text) if text and process_state(int(text)) == "T" else None
+
+    pid = wait_until(stopped, timeout, keep_waiting, poll=0.05)
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+    return pid
 
 
 def write_idx(folder, n_train=64, n_test=32, seed=0):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import write_idx
+from helpers import logged_a_step, wait_until, write_idx
 from distributed import run_on_ranks
 from test_train import _recipe, _train_rank
 from resist_det.cli import app
@@ -144,10 +144,7 @@ def test_a_lost_node_makes_the_others_exit_within_the_timeout(tmp_path):
     lost = {}
 
     def lose_node_1():  # run_cluster holds the main thread (it owns the signal handlers)
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and not (metrics.is_file() and '"step"' in metrics.read_text()):
-            time.sleep(0.2)
+        wait_until(lambda: logged_a_step(tmp_path / "run" / "metrics.jsonl"), 180, poll=0.2)
         node1 = [n.split()[1] for n in _left() if n.startswith("netns ") and n.endswith("-n1")]
         if not node1:
             return

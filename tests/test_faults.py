@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distributed import run_on_ranks
-from helpers import kill_when_stopped, process_state, write_idx
+from helpers import kill_when_stopped, logged_a_step, process_state, wait_until, write_idx
 from test_train import _recipe, _train_rank
 
 
@@ -42,21 +42,15 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
     log = tmp_path / "output.txt"
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    running = lambda: proc.poll() is None  # noqa: E731
     stopped = None
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.is_file() and any(json.loads(line).get("event") == "step" for line in metrics.read_text().splitlines()):
-                stopped = _rank_pid(str(path), 1)
-                if stopped:
-                    break
-            time.sleep(0.5)
+        stopped = wait_until(lambda: logged_a_step(metrics) and _rank_pid(str(path), 1), 180, running, poll=0.5)
         assert stopped, "training did not start"
         os.kill(stopped, signal.SIGSTOP)  # frozen, as a partitioned or hung machine: no connection closes
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 120 and proc.poll() is None and "timed out" not in log.read_text().lower():
-            time.sleep(0.2)
+        wait_until(lambda: "timed out" in log.read_text().lower(), 120, running, poll=0.2)
         detected = time.monotonic() - t0
         # A frozen machine's processes are not the launcher's to wait for (on another machine they
         # are gone); here they would hold torchrun's 30 s teardown grace, so they end now.
@@ -142,19 +136,14 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
            str(paths["killed"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
-    def wait_for(what, found):
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            if value := found():
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"training did not reach {what}")
-
+    running = lambda: proc.poll() is None  # noqa: E731
     try:
         # mid-sync, between the shared-layer average and the block routing
-        assert kill_when_stopped(pid_file, 180, lambda: proc.poll() is None), "rank 1 never stopped inside a sync after epoch 1"
-        wait_for("epoch 2 after the restart", lambda: latest.is_file() and latest.read_text().strip() == "epoch0001")
-        victim = wait_for("rank 1 of the restarted run", lambda: _rank_pid(str(paths["killed"]), 1))
+        assert kill_when_stopped(pid_file, 180, running), "rank 1 never stopped inside a sync after epoch 1"
+        assert wait_until(lambda: latest.is_file() and latest.read_text().strip() == "epoch0001", 180, running), \
+            "training did not reach epoch 2 after the restart"
+        victim = wait_until(lambda: _rank_pid(str(paths["killed"]), 1), 180, running)
+        assert victim, "rank 1 of the restarted run did not start"
         os.kill(victim, signal.SIGKILL)  # mid-round
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
@@ -187,10 +176,7 @@ def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):
     a, b = (subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             for c in cmds)
     try:
-        metrics = tmp_path / "b" / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and b.poll() is None and not (metrics.is_file() and '"step"' in metrics.read_text()):
-            time.sleep(0.5)
+        wait_until(lambda: logged_a_step(tmp_path / "b" / "metrics.jsonl"), 180, lambda: b.poll() is None, poll=0.5)
         ranks = [_rank_pid(str(paths[1]), r) for r in (0, 1)]
         assert all(ranks), "run b did not start training: " + (b.stdout.read() if b.poll() is not None else "")
         os.kill(b.pid, signal.SIGTERM)

@@ -47,8 +47,6 @@ def _train_rank_killed_in_save(rank, world, recipe, victim, target):
     its own state (``resist_rank``, written to a temporary file and renamed) or DeepSpeed's model
     file (``mp_rank``, written in place)."""
     import io
-    import os
-    import signal
     from pathlib import Path
 
     import resist_det.resist.checkpoint as ckpt_module
@@ -132,7 +130,9 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
     started by a launcher (it would train a world of one whatever --nproc says)."""
     import torch.distributed as dist
 
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    from resist_det.train.loop import _WORLD_OF_ONE_ENV
+
+    for key in _WORLD_OF_ONE_ENV:
         monkeypatch.delenv(key, raising=False)
     _write_idx(tmp_path / "fmnist", n_train=32, n_test=8)
     recipe = _recipe(tmp_path, "alone")
