@@ -86,36 +86,55 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
         assert json.loads((tmp_path / ".resist_det.lock").read_text())["pid"] == os.getpid()
 
 
-# Loaded by every Python process of the run through PYTHONPATH; only rank 1 acts on it.  Once the
-# first checkpoint is complete, rank 1 stops itself at its next sync, after the shared layers are
-# averaged and before the blocks are routed, and writes its PID for the test to SIGKILL.
-_STOP_IN_SYNC = """
+# Loaded by every Python process of the run through PYTHONPATH; only rank 1 acts on it, and only
+# once at each point (a PID file marks the point as done, for the test to SIGKILL that PID):
+# - once the first checkpoint is complete, at its next sync, after the shared layers are averaged
+#   and before the blocks are routed (FAULT_PID_FILE);
+# - after that, halfway through writing its own file of epoch 2's checkpoint (FAULT_SAVE_PID_FILE).
+_STOP_IN_SYNC_AND_SAVE = """
 import os
 if os.environ.get("RANK") == "1" and os.environ.get("FAULT_PID_FILE"):
+    import io
     import signal
     from pathlib import Path
 
+    import torch
+
+    import resist_det.resist.checkpoint as checkpoint
     import resist_det.resist.strategies as strategies
 
-    real = strategies.route_blocks
+    def stop_here(pid_file):
+        pid_file.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    real_route, real_save = strategies.route_blocks, checkpoint.atomic_torch_save
+    in_sync, in_save = Path(os.environ["FAULT_PID_FILE"]), Path(os.environ["FAULT_SAVE_PID_FILE"])
 
     def route_blocks(*args, **kwargs):
-        pid_file = Path(os.environ["FAULT_PID_FILE"])
-        if Path(os.environ["FAULT_AFTER"]).is_file() and not pid_file.exists():
-            pid_file.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGSTOP)
-        return real(*args, **kwargs)
+        if Path(os.environ["FAULT_AFTER"]).is_file() and not in_sync.exists():
+            stop_here(in_sync)
+        return real_route(*args, **kwargs)
 
-    strategies.route_blocks = route_blocks
+    def atomic_torch_save(obj, path):
+        if in_sync.exists() and not in_save.exists() and "epoch0001" in str(path):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            with open(path.with_name(f".{path.name}.killed.tmp"), "wb") as f:
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            stop_here(in_save)
+        return real_save(obj, path)
+
+    strategies.route_blocks, checkpoint.atomic_torch_save = route_blocks, atomic_torch_save
 """
 
 
 def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
-    """Rank 1 SIGKILLed twice (by PID, from the test) under --max-restarts 2: after the first
-    checkpoint inside a sync, between the shared-layer average and the block routing; then, after
-    the restart and the second checkpoint, at a moment of the round.  Each time the launcher
-    reports the failed rank and starts again, the ranks resume from the newest complete checkpoint
-    (--resume auto), and the final weights equal an uninterrupted run's."""
+    """Rank 1 SIGKILLed three times (by PID, from the test) under --max-restarts 3: after the first
+    checkpoint, inside a sync, between the shared-layer average and the block routing; after that
+    restart, halfway through writing its file of the second checkpoint; after the next restart
+    and the second checkpoint, at a moment of the round.  Each time the launcher reports the
+    failed rank and starts again, the ranks resume from the newest complete checkpoint (--resume
+    auto; the half-saved one is passed over), and the final weights equal an uninterrupted run's."""
     import torch
 
     write_idx(tmp_path / "fmnist", n_train=128)
@@ -127,12 +146,12 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
         paths[name].write_text(json.dumps(recipe))
     run_on_ranks(_train_rank, 2, tmp_path / "ranks", json.loads(paths["clean"].read_text()), False, timeout=300)
     latest = tmp_path / "killed" / "checkpoints" / "latest"
-    pid_file = tmp_path / "stopped_rank.pid"
+    pid_file, save_pid_file = tmp_path / "stopped_in_sync.pid", tmp_path / "stopped_in_save.pid"
     (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(_STOP_IN_SYNC)
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_STOP_IN_SYNC_AND_SAVE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), *sys.path]),
-           "FAULT_PID_FILE": str(pid_file), "FAULT_AFTER": str(latest)}
-    cmd = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress", "--max-restarts", "2",
+           "FAULT_PID_FILE": str(pid_file), "FAULT_SAVE_PID_FILE": str(save_pid_file), "FAULT_AFTER": str(latest)}
+    cmd = [sys.executable, "-m", "resist_det.cli", "train", "--nproc", "2", "--no-progress", "--max-restarts", "3",
            str(paths["killed"])]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
 
@@ -140,6 +159,9 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
     try:
         # mid-sync, between the shared-layer average and the block routing
         assert kill_when_stopped(pid_file, 180, running), "rank 1 never stopped inside a sync after epoch 1"
+        # mid-save: its own file of epoch 2's checkpoint half written
+        assert kill_when_stopped(save_pid_file, 180, running), "rank 1 never stopped inside its save of epoch 2"
+        assert latest.read_text().strip() == "epoch0000"  # the interrupted checkpoint was not marked latest
         assert wait_until(lambda: latest.is_file() and latest.read_text().strip() == "epoch0001", 180, running), \
             "training did not reach epoch 2 after the restart"
         victim = wait_until(lambda: _rank_pid(str(paths["killed"]), 1), 180, running)
@@ -151,8 +173,8 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert "restart 1 of 2" in out and "restart 2 of 2" in out, out[-3000:]
-    assert out.count("local_rank: 1") >= 2, out[-3000:]  # the failed rank is named, each time
+    assert all(f"restart {n} of 3" in out for n in (1, 2, 3)), out[-3000:]
+    assert out.count("local_rank: 1") >= 3, out[-3000:]  # the failed rank is named, each time
     a = torch.load(tmp_path / "clean" / "global_model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "killed" / "global_model.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
