@@ -6,7 +6,6 @@ code 1 (or 2 for bad usage), never a traceback.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -258,6 +257,7 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
+    from .io import atomic_write_json
     from .train.demo import run_demo
     from .train.metrics import human_bytes
 
@@ -274,7 +274,7 @@ def demo(
                       human_bytes(s["bytes"]), human_bytes(s["memory"]), human_bytes(s["peak_rss"]))
     Console(width=max(110, Console().width)).print(table)
     typer.echo(f"plot: {res['plot']}")
-    (Path(out) / "demo_summary.json").write_text(json.dumps(res, indent=2, default=float))
+    atomic_write_json(Path(out) / "demo_summary.json", res)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,42 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
     assert "module" not in rank0 and "optimizer" not in rank0 and "module" in rank1 and "optimizer" in rank1
 
 
+def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):
+    """A learning rate that blows the loss up: the epoch ends in an error naming the key to change,
+    on every rank, instead of training on and checkpointing NaN weights."""
+    _write_idx(tmp_path / "fmnist", n_train=64, n_test=16)
+    recipe = _recipe(tmp_path, "diverged")
+    recipe["deepspeed"]["optimizer"]["params"]["lr"] = 1e12
+    recipe["train"]["epochs"] = 2
+    with pytest.raises(AssertionError, match="failed on 2 of 2 ranks") as err:
+        run_on_ranks(_train_rank, 2, tmp_path / "ranks", recipe, False, timeout=120)
+    message = str(err.value)
+    assert message.count("the run diverged") == 2 and "deepspeed.optimizer.params.lr" in message, message[-2000:]
+    assert "the training loss is nan in epoch 1" in message or "the training loss is inf in epoch 1" in message
+    out = tmp_path / "diverged"
+    assert not (out / "global_model.pt").exists() and not (out / "checkpoints" / "latest").exists()
+    assert not any(json.loads(line)["event"] == "epoch" for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
+def test_reports_are_standard_json(tmp_path):
+    """NaN and infinities (an AP of a class without objects, a diverged loss) are written as null:
+    every parser reads the files, not only Python's."""
+    from resist_det.io import atomic_write_json
+    from resist_det.train.metrics import MetricsLog
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+    record = {"map_07": float("nan"), "per_class": {"cat": {"ap_07": float("-inf")}}, "loss": [1.5, float("inf")]}
+    atomic_write_json(tmp_path / "report.json", record)
+    assert strict((tmp_path / "report.json").read_text()) == {"map_07": None, "per_class": {"cat": {"ap_07": None}},
+                                                              "loss": [1.5, None]}
+    log = MetricsLog(tmp_path / "metrics.jsonl", enabled=True)
+    log.write(event="epoch", epoch=0, map_07=float("nan"))
+    [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert strict(line)["map_07"] is None
+
+
 def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch):
     """``resist-det train --nproc 1`` trains in this process (a world of one): afterwards no
     process group and no RANK/WORLD_SIZE remain, so a later launch here is not taken for a rank

@@ -256,6 +256,34 @@ def test_a_decompression_bomb_is_named_not_decoded(tmp_path: Path) -> None:
     assert problem is not None and problem.startswith(f"{bomb}: too large to decode") and "900000000 pixels" in problem
 
 
+def test_grayscale_cmyk_and_png_named_jpg_are_converted_not_fatal(tmp_path: Path) -> None:
+    """Images VOC-style sets do contain: a grayscale JPEG, a CMYK JPEG and a PNG saved under a
+    .jpg name pass the pre-flight check and decode to HxWx3 RGB like any other image."""
+    root = tmp_path / "VOCdevkit"
+    ids = ["gray", "cmyk", "png", "rgb"]
+    d = make_year(root, "2007", {i: xml(i, obj("dog", ("10", "5", "30", "25"))) for i in ids}, {"trainval": ids})
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[:, : W // 2] = (200, 30, 60)
+    Image.fromarray(rgb).convert("L").save(d / "JPEGImages" / "gray.jpg", quality=100)
+    Image.fromarray(rgb).convert("CMYK").save(d / "JPEGImages" / "cmyk.jpg", quality=100)
+    Image.fromarray(rgb).save(d / "JPEGImages" / "png.jpg", format="PNG")
+    Image.fromarray(rgb).save(d / "JPEGImages" / "rgb.jpg", quality=100)
+    with Image.open(d / "JPEGImages" / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"  # what is tested is what it says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = VOCDetection(root, [("2007", "trainval")], ["dog"])  # the pre-flight check runs here
+    assert ds.image_ids == ids
+    images = {i: ds.load_image(k) for k, i in enumerate(ds.image_ids)}
+    for i, image in images.items():
+        assert image.shape == (H, W, 3) and image.dtype == np.uint8, i
+    assert np.array_equal(images["png"], rgb)  # lossless
+    for i in ("cmyk", "rgb"):  # colour kept (JPEG: within its loss)
+        assert np.abs(images[i].astype(int) - rgb).mean() < 6, i
+    gray = images["gray"]
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()  # one channel, repeated
+
+
 def test_preflight_lists_every_bad_image_or_skips_them(tmp_path: Path) -> None:
     from resist_det.data.shapes import SHAPES_CLASSES, write_shapes_dataset
     from resist_det.data.voc import BadImagesError
