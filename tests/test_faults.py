@@ -50,7 +50,7 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         assert stopped, "training did not start"
         os.kill(stopped, signal.SIGSTOP)  # frozen, as a partitioned or hung machine: no connection closes
         t0 = time.monotonic()
-        wait_until(lambda: "timed out" in log.read_text().lower(), 120, running, poll=0.2)
+        wait_until(lambda: "timed out" in log.read_text(), 120, running, poll=0.2)
         detected = time.monotonic() - t0
         # A frozen machine's processes are not the launcher's to wait for (on another machine they
         # are gone); here they would hold torchrun's 30 s teardown grace, so they end now.
@@ -58,7 +58,9 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         proc.wait(timeout=120)
         out = log.read_text()
         assert proc.returncode != 0
-        assert "timed out" in out.lower(), out[-3000:]
+        # the survivor says it in one line, and the launcher names the rank that ended
+        assert "error: rank 0: communication with the other ranks timed out" in out and "Traceback" not in out, out[-3000:]
+        assert f"resist-det: rank 1 (local_rank: 1, pid {stopped}) failed: killed by SIGKILL" in out, out[-3000:]
         assert detected < 6 + 20, detected  # the timeout plus the time to report it; not 30 minutes
     finally:
         if stopped:
@@ -69,6 +71,21 @@ def test_a_frozen_rank_fails_the_run_within_the_timeout(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_lost_peer_errors_and_exit_codes_are_named():
+    """What a rank and the launcher print for the failures above, from the messages gloo raises."""
+    from resist_det.train.agent import describe_exit
+    from resist_det.train.loop import lost_peer
+
+    gloo = "[/pytorch/third_party/gloo/gloo/transport/tcp/{}] {}"
+    assert lost_peer(RuntimeError(gloo.format("unbound_buffer.cc:78", "Timed out waiting 6000ms for recv operation"))) == \
+        "communication with the other ranks timed out (Timed out waiting 6000ms for recv operation)"
+    assert lost_peer(RuntimeError(gloo.format("pair.cc:534", "Connection closed by peer [10.0.0.2]:4711"))) == \
+        "communication with the other ranks lost its connection (Connection closed by peer [10.0.0.2]:4711)"
+    assert lost_peer(RuntimeError("DataLoader timed out after 5 seconds")) is None  # not communication
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert [describe_exit(c) for c in (-9, -15, 2, 1)] == ["killed by SIGKILL", "killed by SIGTERM", "exit code 2", "exit code 1"]
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):

@@ -1,7 +1,7 @@
 """Start the ranks of a training run on this machine, after checking everything that can fail.
 
 ``resist-det train RECIPE --nproc N`` validates the recipe, the dataset folder and (for
-``--resume``) the checkpoint first, then runs ``torch.distributed.run`` with N processes
+``--resume``) the checkpoint first, then runs torchrun's agent (:mod:`.agent`) with N processes
 of ``python -m resist_det.train``.  Inside a launcher (``RANK`` set) it runs in-process.
 """
 
@@ -107,7 +107,7 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
     for attempt in range(max_restarts + 1):
         # A fresh launcher (new port, new rendezvous store) per attempt: a restarted attempt
         # continues from the newest complete checkpoint of this run (--resume auto).
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        cmd = [sys.executable, "-m", "resist_det.train.agent", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "resist_det.train", str(recipe_path(recipe_file))]
         for k, v in (overrides or {}).items():

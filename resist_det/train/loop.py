@@ -352,7 +352,32 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        lost = lost_peer(e)
+        if lost is None:
+            raise
+        # every rank that noticed says so: on a cluster, its own machine's log is what its owner reads
+        print(f"error: rank {os.environ.get('RANK', '0')}: {lost}; a rank died, hangs or cannot be reached (a collective "
+              f"waits at most train.comm_timeout_minutes = {recipe.train.comm_timeout_minutes:g})", file=sys.stderr, flush=True)
+        return 3
     return 0
+
+
+# What gloo and NCCL say when a peer stopped answering or went away (torch's DistBackendError is a RuntimeError).
+_LOST_PEER = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """``"communication timed out (...)"`` when ``error`` is a collective losing its peer, else None."""
+    import torch.distributed as dist
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = first.lower()
+    from_comm = isinstance(error, getattr(dist, "DistError", ())) or any(m in text for m in ("gloo", "nccl", "c10d"))
+    if not from_comm or not any(k in text for k in _LOST_PEER):  # e.g. a DataLoader timeout is not a lost peer
+        return None
+    kind = "timed out" if "time" in text else "lost its connection"
+    return f"communication with the other ranks {kind} ({first.split('] ', 1)[-1]})"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
