@@ -14,7 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .io import read_json_file
-from .resist.config import ResISTConfig, config_error
+from .depths import PREACT_DEPTHS, TORCHVISION_DEPTHS, partitionable_count
+from .resist.config import ResISTConfig, check_deepspeed_config, config_error
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe"]
 
@@ -35,6 +36,14 @@ class ModelConfig(_Strict):
     image_size: int = Field(448, ge=32, description="detector input size, a multiple of 32")
     neck_channels: int = Field(0, ge=0, description="detector: 3x3 conv width before the 1x1 head (0: none)")
     seed: int = Field(0, ge=0, description="weight initialisation seed")
+
+    @property
+    def sections(self) -> tuple[int, ...]:
+        """Blocks per section: ``layers``, or the depth's (the detector: its torchvision backbone's)."""
+        if self.layers is not None:
+            return tuple(self.layers)
+        table = TORCHVISION_DEPTHS if self.kind == "yolo" else PREACT_DEPTHS
+        return tuple(table[self.depth or 101][1])
 
 
 class DataConfig(_Strict):
@@ -102,12 +111,40 @@ class Recipe(_Strict):
             raise ValueError("deepspeed.train_micro_batch_size_per_gpu is required (the batch per worker)")
         if "resist" in self.deepspeed:
             raise ValueError("put the resist section at the top level of the recipe, not inside deepspeed")
+        self._check_model()
+        check_deepspeed_config(self.deepspeed, self.resist.mode, prefix="deepspeed.")
+        _check_optimizer_params(self.deepspeed)
         if "scheduler" in self.deepspeed and self.train.lr_schedule != LRSchedule():
             raise ValueError(
                 "deepspeed.scheduler and train.lr_schedule both set the learning rate; keep one of them "
                 "(with deepspeed.scheduler, DeepSpeed steps it and the loop leaves the lr alone)"
             )
         return self
+
+    def _check_model(self) -> None:
+        """What building the network on every rank would refuse, said before any rank starts."""
+        m = self.model
+        if m.kind == "yolo":
+            if m.layers is not None:
+                raise ValueError("model.layers: only model.kind 'preact_resnet' takes custom sections; the detector's "
+                                 "backbone is the torchvision ResNet of model.depth")
+            if (m.depth or 101) not in TORCHVISION_DEPTHS:
+                raise ValueError(f"model.depth: the detector's backbone is a torchvision ResNet of depth "
+                                 f"{', '.join(map(str, sorted(TORCHVISION_DEPTHS)))}; got {m.depth}")
+        elif m.layers is None and m.depth not in PREACT_DEPTHS:
+            raise ValueError(f"model.depth must be one of {', '.join(map(str, sorted(PREACT_DEPTHS)))} "
+                             f"(or give model.layers); got {m.depth}")
+        elif m.layers is not None and (len(m.layers) != 4 or min(m.layers) < 1):
+            raise ValueError(f"model.layers: the blocks of 4 sections, at least one each; got {m.layers}")
+        if self.resist.mode != "resist" or self.resist.block_pattern is not None:
+            return
+        n = partitionable_count(self.model.sections)
+        if n < 1:
+            raise ValueError(f"model: section 3 has {n + 1} block, so ResIST has nothing to partition (its first block "
+                             "stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
+        if self.resist.min_blocks > n:
+            raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable section-3 blocks of this model "
+                             f"(model.layers / model.depth); got {self.resist.min_blocks}")
 
     @property
     def batch_size(self) -> int:
@@ -116,6 +153,29 @@ class Recipe(_Strict):
     @property
     def base_lr(self) -> float:
         return float(((self.deepspeed.get("optimizer") or {}).get("params") or {}).get("lr", 0.1))
+
+
+# Optimizer hyper-parameters that are numbers >= 0 in every optimizer DeepSpeed builds.
+_NUMERIC_PARAMS = ("lr", "momentum", "weight_decay", "eps", "dampening")
+
+
+def _check_optimizer_params(ds: dict[str, Any]) -> None:
+    optimizer = ds.get("optimizer")
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("params", {}), dict):
+        raise ValueError('deepspeed.optimizer: expected {"type": ..., "params": {...}}, got ' + repr(optimizer)[:80])
+    params = optimizer.get("params", {})
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+    for key in _NUMERIC_PARAMS:
+        if key in params and not number(params[key]):
+            raise ValueError(f"deepspeed.optimizer.params.{key}: expected a number >= 0, got {params[key]!r}")
+    betas = params.get("betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+        raise ValueError(f"deepspeed.optimizer.params.betas: expected two numbers in [0, 1), got {betas!r}")
 
 
 def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] | None = None) -> Recipe:

@@ -224,14 +224,44 @@ def _snapshot(folder):
         (["--set", "train.epochs=\"many\""], "train.epochs: Input should be a valid integer"),
         (["--set", "data.root=\"/no/such/dir\""], "data.root: dataset folder not found: /no/such/dir"),
         (["--resume"], "--resume: no checkpoint in"),
+        # what building the engine on every rank would refuse (a traceback per rank, after seconds)
+        (["--set", 'deepspeed.optimizer.params.lr="fast"'], "deepspeed.optimizer.params.lr: expected a number >= 0, got 'fast'"),
+        (["--set", "deepspeed.optimizer.params.betas=[0.9]"], "deepspeed.optimizer.params.betas: expected two numbers"),
+        (["--set", "resist.min_blocks=5"], "resist.min_blocks must be at most 4, the partitionable section-3 blocks"),
+        (["--set", "model.layers=[1,1,1,1]"], "section 3 has 1 block, so ResIST has nothing to partition"),
+        (["--set", "model.layers=null", "--set", "model.depth=77"], "model.depth must be one of 18, 34, 50, 101, 152, 200"),
+        (["--set", "model.layers=[1,1,0,1]"], "model.layers: the blocks of 4 sections, at least one each; got [1, 1, 0, 1]"),
+        (["--set", 'deepspeed.zero_optimization={"stage": 2}'], "deepspeed.zero_optimization.stage must be 0 with resist.mode='resist'"),
+        (["--set", 'deepspeed.fp16={"enabled": true}'], "deepspeed.fp16.enabled is not supported with resist.mode='resist'"),
+        (["--set", 'train.output_dir="{tmp}/a_file"'], "train.output_dir {tmp}/a_file is a file, not a folder"),
     ],
 )
 def test_train_refuses_bad_input_before_starting(recipe_file, tmp_path, args, msg):
-    before = _snapshot(tmp_path / "run")
+    (tmp_path / "a_file").write_text("not a folder")
+    args, msg = [a.replace("{tmp}", str(tmp_path)) for a in args], msg.replace("{tmp}", str(tmp_path))
+    before = _snapshot(tmp_path)
     result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "2", *args])
     assert result.exit_code == 1
-    assert msg in result.output and "Traceback" not in result.output
-    assert _snapshot(tmp_path / "run") == before
+    assert msg in result.output and "Traceback" not in result.output, result.output
+    assert _snapshot(tmp_path) == before  # nothing written, not even a run folder
+
+
+def test_recipe_check_counts_the_blocks_the_engine_partitions():
+    """The pre-launch check's section-3 count (torch-free) equals what the engine partitions."""
+    from resist_det.config import load_recipe
+    from resist_det.models import preact_resnet, yolo_resnet
+    from resist_det.depths import partitionable_count
+    from resist_det.resist.partition import partitionable_blocks
+    from resist_det.train.launch import recipe_path
+
+    for name, sets in [("fashion_mnist_resist", {}), ("demo_shapes", {}), ("voc_resist", {"model.depth": 50}),
+                       ("cifar10_resist", {"model.layers": [2, 1, 7, 1]}), ("imagenet_resist", {})]:
+        m = load_recipe(recipe_path(name), sets).model
+        if m.kind == "yolo":
+            model = yolo_resnet(m.depth, num_classes=2, device="meta")
+        else:
+            model = preact_resnet(m.depth if m.layers is None else None, layers=m.layers, block=m.block, device="meta")
+        assert partitionable_count(m.sections) == len(partitionable_blocks(model, None)), name
 
 
 def test_resume_refuses_other_world_size_or_recipe(recipe_file, tmp_path):

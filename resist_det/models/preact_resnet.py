@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import PreActBasicBlock, PreActBottleneck
+from ..depths import PREACT_DEPTHS
 from ..resist.seeding import init_network_
 
 __all__ = ["PreActResNet", "preact_resnet", "cifar_preact_resnet101", "DEPTHS"]
@@ -29,14 +30,7 @@ __all__ = ["PreActResNet", "preact_resnet", "cifar_preact_resnet101", "DEPTHS"]
 BlockType = type[PreActBasicBlock] | type[PreActBottleneck]
 
 #: depth -> (block kind, blocks per section), as in He et al. 2016.
-DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-    200: ("bottleneck", (3, 24, 36, 3)),
-}
+DEPTHS = PREACT_DEPTHS
 _BLOCKS: dict[str, BlockType] = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
 
 

@@ -11,16 +11,13 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..resist.seeding import init_network_
+from ..depths import TORCHVISION_DEPTHS
 
 __all__ = ["resnet", "TV_DEPTHS"]
 
-TV_DEPTHS = {
-    18: (BasicBlock, [2, 2, 2, 2]),
-    34: (BasicBlock, [3, 4, 6, 3]),
-    50: (Bottleneck, [3, 4, 6, 3]),
-    101: (Bottleneck, [3, 4, 23, 3]),
-    152: (Bottleneck, [3, 8, 36, 3]),
-}
+#: depth -> (torchvision block class, blocks per section).
+TV_DEPTHS = {d: ({"basic": BasicBlock, "bottleneck": Bottleneck}[kind], list(layers))
+             for d, (kind, layers) in TORCHVISION_DEPTHS.items()}
 
 
 def resnet(depth: int = 101, *, num_classes: int = 1000, seed: int = 0, device: torch.device | str | None = None) -> ResNet:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
 from torch import nn
 
-from .config import ResISTConfig, split_config
+from .config import ResISTConfig, check_deepspeed_config, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
 from .plan import check_plan_args, degenerate_plan, make_plan
@@ -68,7 +68,7 @@ def initialize(
     if model is None:
         raise TypeError("initialize() needs a model (positional after args, or model=...)")
     ds_config, rc, args = _resolve_config(args, config, config_params, resist)
-    _check_deepspeed_config(ds_config, rc.mode)
+    check_deepspeed_config(ds_config, rc.mode)
     _init_process_group()
     _check_same_config(rc)
     grad_clip = _take_over_clipping(ds_config, rc.mode)
@@ -124,30 +124,6 @@ def _resolve_config(args: Any, config: Any, config_params: Any, resist: ResISTCo
             if hasattr(args, attr):
                 setattr(args, attr, None)
     return ds_config, rc, args
-
-
-def _check_deepspeed_config(ds: dict[str, Any], mode: str) -> None:
-    if mode == "ddp":
-        return
-    zero = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if zero:
-        raise ValueError(f"zero_optimization.stage must be 0 with resist.mode={mode!r} (got {zero}): ranks hold different blocks")
-    why = {
-        # DeepSpeed 0.19: BF16_Optimizer splits one flat fp32 master copy of all parameters into equal
-        # partitions over the data-parallel ranks and all-gathers the updated partitions every step.
-        "bf16": "DeepSpeed's BF16_Optimizer partitions one flat fp32 master copy of the parameters across the ranks "
-                "and all-gathers it after every step, which assumes every rank holds the same parameters",
-        # FP16_Optimizer keeps flat fp32 master weights that it copies back into the fp16 module after
-        # each step: blocks routed into the module at a sync would be overwritten by stale masters.
-        "fp16": "DeepSpeed's FP16_Optimizer keeps flat fp32 master weights and copies them over the module after every "
-                "step, so blocks routed into the module at a sync would be overwritten by stale master copies",
-    }
-    for key, reason in why.items():
-        if (ds.get(key) or {}).get("enabled"):
-            raise ValueError(
-                f"{key}.enabled is not supported with resist.mode={mode!r}: {reason}; train in fp32 with "
-                "torch.autocast(device_type, dtype=torch.bfloat16) around the forward pass instead (mode 'ddp' takes it)"
-            )
 
 
 def _init_process_group() -> None:

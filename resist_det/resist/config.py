@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..io import read_json_file
 
-__all__ = ["CompressionConfig", "ResISTConfig", "split_config", "config_error"]
+__all__ = ["CompressionConfig", "ResISTConfig", "split_config", "config_error", "check_deepspeed_config"]
 
 
 class CompressionConfig(BaseModel):
@@ -68,6 +68,32 @@ class ResISTConfig(BaseModel):
     def digest(self) -> str:
         """Stable hash of the settings; ranks compare it at start-up."""
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_deepspeed_config(ds: dict[str, Any], mode: str, prefix: str = "") -> None:
+    """Refuse DeepSpeed features that assume every rank holds the same parameters (outside mode
+    ``ddp``); ``prefix`` is where the section sits (``"deepspeed."`` in a recipe)."""
+    if mode == "ddp":
+        return
+    zero = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if zero:
+        raise ValueError(f"{prefix}zero_optimization.stage must be 0 with resist.mode={mode!r} (got {zero}): ranks hold different blocks")
+    why = {
+        # DeepSpeed 0.19: BF16_Optimizer splits one flat fp32 master copy of all parameters into equal
+        # partitions over the data-parallel ranks and all-gathers the updated partitions every step.
+        "bf16": "DeepSpeed's BF16_Optimizer partitions one flat fp32 master copy of the parameters across the ranks "
+                "and all-gathers it after every step, which assumes every rank holds the same parameters",
+        # FP16_Optimizer keeps flat fp32 master weights that it copies back into the fp16 module after
+        # each step: blocks routed into the module at a sync would be overwritten by stale masters.
+        "fp16": "DeepSpeed's FP16_Optimizer keeps flat fp32 master weights and copies them over the module after every "
+                "step, so blocks routed into the module at a sync would be overwritten by stale master copies",
+    }
+    for key, reason in why.items():
+        if (ds.get(key) or {}).get("enabled"):
+            raise ValueError(
+                f"{prefix}{key}.enabled is not supported with resist.mode={mode!r}: {reason}; train in fp32 with "
+                "torch.autocast(device_type, dtype=torch.bfloat16) around the forward pass instead (mode 'ddp' takes it)"
+            )
 
 
 def _short(value: Any) -> str:

@@ -52,13 +52,20 @@ class RunLock:
             f"{holder.get('host')}, since {holder.get('since')}); choose another output_dir, or delete "
             f"{self.path} if that run is gone")
 
+    def _check_folder(self) -> None:
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"train.output_dir {folder} is a file, not a folder; choose another output_dir")
+
     def check(self) -> None:
         """Refuse now if a live run holds the lock (the launcher's early check; rank 0 still acquires)."""
+        self._check_folder()
         holder = self._holder()
         if holder is not None:
             raise self._in_use(holder)
 
     def acquire(self) -> None:
+        self._check_folder()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(2):
