@@ -221,7 +221,7 @@ class VOCDetection(Dataset):
         try:
             with Image.open(path) as im:
                 return np.asarray(im.convert("RGB"))
-        except OSError as exc:
+        except (OSError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{path}: cannot decode image ({exc})") from None
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
