@@ -198,6 +198,7 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "epoch"]
     assert epochs == [0, 1, 2]  # each epoch cut short is logged once, after its restart
+    assert not list((tmp_path / "killed" / "checkpoints").rglob("*.tmp"))  # the half-written file went with its re-save
 
 
 def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):

@@ -116,6 +116,7 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
         assert torch.equal(a["model"][k], b["model"][k]), k  # the same weights, bit for bit
     # Every rank's own state was checkpointed next to DeepSpeed's files, with a manifest.
     assert (ckpt / "latest").read_text().strip() == "epoch0001"
+    assert not list(ckpt.rglob("*.tmp"))  # the killed rank's half-written file went when its tag was saved again
     assert sorted(p.name for p in (ckpt / "epoch0001").glob("resist_rank*.pt")) == ["resist_rank00.pt", "resist_rank01.pt"]
     record = json.loads((ckpt / "epoch0001" / "resist.json").read_text())
     assert record["world_size"] == 2 and {"resist_rank00.pt", "resist_rank01.pt"} <= set(record["files"])

@@ -70,6 +70,8 @@ def write_record(checkpoint_dir: str | Path, tag: str, world_size: int, config: 
     """Rank 0, after every rank has written its files: the JSON record of the run with the
     manifest of the tag's files (size, SHA-256), then ``latest`` (both atomic)."""
     where = Path(checkpoint_dir) / str(tag)
+    for stale in where.glob(".*.tmp"):  # a rank killed while writing this tag in an earlier attempt; none is writing now
+        stale.unlink(missing_ok=True)
     files = {p.relative_to(where).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(where.rglob("*")) if p.is_file() and p.name != RECORD_FILE and not p.name.endswith(".tmp")}
     record = {"world_size": world_size, "resist": config.model_dump(mode="json"), "step": step, "files": files}
