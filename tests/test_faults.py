@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,37 @@ def test_lost_peer_errors_and_exit_codes_are_named():
     assert lost_peer(RuntimeError("DataLoader timed out after 5 seconds")) is None  # not communication
     assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert [describe_exit(c) for c in (-9, -15, 2, 1)] == ["killed by SIGKILL", "killed by SIGTERM", "exit code 2", "exit code 1"]
+
+
+# Loaded by every Python process of the run through PYTHONPATH: rank 1 alone fails, as with
+# something only it can see (its shard of the data, its machine's disk).
+_FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import resist_det.train.loop as loop
+
+    def setup(recipe):
+        raise ValueError("data.root: what only rank 1 met")
+
+    loop.setup = setup
+"""
+
+
+def test_an_error_only_another_rank_met_is_reported_once(tmp_path):
+    """Rank 0 prints the errors every rank meets; one that only rank 1 met reaches the user
+    through torchrun's per-rank error file, in the launcher's line for rank 1, once."""
+    write_idx(tmp_path / "fmnist", n_train=32, n_test=8)
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(_recipe(tmp_path, "run")))
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(_FAIL_ON_RANK_1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), *sys.path])}
+    cmd = [sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert text.count("what only rank 1 met") == 1, text[-3000:]
+    assert re.search(r"resist-det: rank 1 \(local_rank: 1, pid \d+\) failed: exit code 2: data.root: what only rank 1 met", text)
 
 
 def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):

@@ -4,7 +4,7 @@
 When a rank fails, the agent stops the others and raises ``ChildFailedError``; torchrun would
 print that as a Python traceback of its own code plus a table.  The rank has already said what
 went wrong (a one-line ``error:`` for bad input or a diverged run, its traceback for a bug), so
-what is left to say is which rank ended and how.
+what is left to say is which rank ended and how (and why, where only another rank knew).
 """
 
 from __future__ import annotations
@@ -25,16 +25,28 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def _reason(failure) -> str:
+    """The one-line message a rank left in its error file (torchrun's layout), or ''."""
+    message = failure.message
+    return message.get("message", "") if isinstance(message, dict) else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.run import parse_args, run
 
-    try:
-        torchrun(sys.argv[1:] if argv is None else argv)
+    try:  # torchrun's ``main`` without its ``@record`` wrapper, which would re-log the ranks' error files
+        run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
+        # A rank's own one-line reason (its error file, :func:`resist_det.train.loop.report_failure`)
+        # is repeated here only where that rank did not print it and no rank printed the same.
+        said = {_reason(f) for f in e.failures.values() if f.error_file_data.get("printed")}
         for rank, failure in sorted(e.failures.items()):
-            print(f"resist-det: rank {rank} (local_rank: {failure.local_rank}, pid {failure.pid}) failed: "
-                  f"{describe_exit(failure.exitcode)}", file=sys.stderr, flush=True)
+            line = f"resist-det: rank {rank} (local_rank: {failure.local_rank}, pid {failure.pid}) failed: {describe_exit(failure.exitcode)}"
+            if failure.error_file_data.get("printed") is False and _reason(failure) not in said:
+                line += f": {_reason(failure)}"
+                said.add(_reason(failure))
+            print(line, file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -344,23 +344,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, parse_overrides(args.set))
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_failure(str(e))
         return 2
     try:
         train(recipe, resume=args.resume, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, not a traceback per rank
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        report_failure(str(e))
         return 2
     except RuntimeError as e:
         lost = lost_peer(e)
         if lost is None:
             raise
         # every rank that noticed says so: on a cluster, its own machine's log is what its owner reads
-        print(f"error: rank {os.environ.get('RANK', '0')}: {lost}; a rank died, hangs or cannot be reached (a collective "
-              f"waits at most train.comm_timeout_minutes = {recipe.train.comm_timeout_minutes:g})", file=sys.stderr, flush=True)
+        report_failure(f"{lost}; a rank died, hangs or cannot be reached (a collective waits at most "
+                       f"train.comm_timeout_minutes = {recipe.train.comm_timeout_minutes:g})", every_rank=True)
         return 3
     return 0
+
+
+def report_failure(message: str, *, every_rank: bool = False) -> None:
+    """Say why this rank stops, in one line: on stderr from rank 0 (every rank fails the same
+    way), or from each rank (``every_rank``: what each saw for itself); and in the error file
+    torchrun gives each rank (``TORCHELASTIC_ERROR_FILE``), where its failure summary and
+    ``resist-det train``'s find it, so a failure only one other rank met is reported too."""
+    rank = os.environ.get("RANK", "0")
+    printed = every_rank or rank == "0"
+    if printed:
+        print(f"error: {f'rank {rank}: ' if every_rank else ''}{message}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # the layout torchrun's error handler writes (no call stack: the message is the reason); "printed" is ours
+        atomic_write_json(error_file, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}},
+                                       "printed": printed})
 
 
 # What gloo and NCCL say when a peer stopped answering or went away (torch's DistBackendError is a RuntimeError).
