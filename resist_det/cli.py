@@ -38,7 +38,7 @@ def main(
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    from .train.loop import parse_overrides
+    from .config import parse_overrides
 
     return parse_overrides(items)
 

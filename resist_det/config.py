@@ -17,7 +17,7 @@ from .io import read_json_file
 from .depths import PREACT_DEPTHS, TORCHVISION_DEPTHS, partitionable_count
 from .resist.config import ResISTConfig, check_deepspeed_config, config_error
 
-__all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe"]
+__all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe", "parse_overrides"]
 
 
 class _Strict(BaseModel):
@@ -199,3 +199,17 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         return Recipe(**data)
     except ValidationError as e:
         raise ValueError(f"{where}: {config_error(e, section=None)}") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "data.root=\\"/x\\""]`` -> ``{"train.epochs": 3, "data.root": "/x"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value  # a bare string
+    return out

@@ -39,7 +39,7 @@ def cluster_command(
         if not target.endswith(".py"):  # a recipe: check it and its data before anything is created
             from ..config import load_recipe
             from ..train.launch import recipe_path
-            from ..train.loop import parse_overrides
+            from ..config import parse_overrides
             from ..train.preflight import check_data
 
             sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]

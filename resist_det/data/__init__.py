@@ -12,7 +12,7 @@ import importlib
 _WHERE = {
     "SHAPES_CLASSES": "shapes", "write_shapes_dataset": "shapes",
     "DetectionTransform": "transforms", "boxes_to_original": "transforms", "detection_transform": "transforms",
-    "VOC_CLASSES": "voc", "VOCDetection": "voc", "collate_detection": "voc", "collect_classes": "voc",
+    "VOC_CLASSES": "voc_index", "VOCDetection": "voc", "collate_detection": "voc", "collect_classes": "voc_index",
     "ClassificationInfo": "classification", "build_classification_dataset": "classification",
     "default_transform": "classification",
 }

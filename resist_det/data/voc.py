@@ -4,14 +4,10 @@ Reads ``<root>/VOC<year>/{Annotations,JPEGImages,ImageSets/Main}`` for one or mo
 ``(year, split)`` pairs and exposes them as a single map-style torch ``Dataset``.
 Datasets are never downloaded: a missing folder is a ``FileNotFoundError``.
 
-Every listed image is checked when the dataset is constructed, so bad data fails before
-training rather than mid-epoch: its annotation is parsed by
-:func:`~resist_det.data.voc_xml.parse_voc_xml` (rules in :mod:`resist_det.data.voc_xml`),
-its JPEG must exist, end complete and have the size the annotation states
-(:func:`~resist_det.data.image_check.image_problem`; header and last bytes only).  All
-problems are collected and raised together as :class:`BadImagesError`, one line per image,
-or with ``skip_bad`` those images are left out (listed in ``dataset.skipped``).  A missing
-split file or year folder raises ``FileNotFoundError``; an empty split file ``ValueError``.
+Every listed image is checked when the dataset is constructed
+(:func:`~resist_det.data.voc_index.index_image_sets`), so bad data fails before training
+rather than mid-epoch: all problems are raised together as :class:`BadImagesError`, one
+line per image, or with ``skip_bad`` those images are left out (listed in ``dataset.skipped``).
 """
 
 from __future__ import annotations
@@ -26,8 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .image_check import image_problem
-from .voc_xml import VOCRecord, _read_xml, _text, parse_voc_xml
+from .voc_index import (VOC_CLASSES, BadImagesError, ImageSet, _as_image_sets, collect_classes, index_image_sets,
+                        resolve_year_dir)
+from .voc_xml import VOCRecord, parse_voc_xml
 
 __all__ = [
     "VOC_CLASSES",
@@ -40,16 +37,6 @@ __all__ = [
     "resolve_year_dir",
 ]
 
-VOC_CLASSES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle",
-    "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-
-ImageSet = tuple[str, str]
-"""A ``(year, split)`` pair, e.g. ``("2007", "trainval")``."""
-
 Transform = Callable[..., tuple[Any, ...]]
 """``transform(image, boxes, labels) -> (image_tensor, boxes, labels)``.
 
@@ -57,65 +44,6 @@ If the callable has a truthy attribute ``carries_difficult`` it is instead calle
 ``transform(image, boxes, labels, difficult=flags)`` and must return a 4-tuple with the
 flags filtered like the boxes (see :mod:`resist_det.data.transforms`).
 """
-
-
-class BadImagesError(ValueError):
-    """Some listed images cannot be trained on; the message lists every one and why."""
-
-
-def resolve_year_dir(root: str | os.PathLike[str], year: str) -> Path:
-    """Return ``root/VOC<year>`` (or ``root/VOCdevkit/VOC<year>``); never downloads."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"VOC dataset root not found: expected a VOCdevkit folder at {root} "
-            f"(datasets are never downloaded; fetch/extract it there first)"
-        )
-    for candidate in (root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"VOC year folder not found: expected {root / f'VOC{year}'} "
-        f"(datasets are never downloaded; extract VOC{year} into {root})"
-    )
-
-
-def _read_split(year_dir: Path, split: str) -> list[str]:
-    split_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
-    if not split_file.is_file():
-        raise FileNotFoundError(f"split file not found: {split_file}")
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"split file is empty: {split_file}")
-    return ids
-
-
-def _as_image_sets(image_sets: ImageSet | Iterable[ImageSet]) -> list[ImageSet]:
-    if isinstance(image_sets, tuple) and len(image_sets) == 2 and all(isinstance(s, str) for s in image_sets):
-        return [image_sets]  # a single (year, split) pair
-    pairs = [(str(y), str(s)) for y, s in image_sets]
-    if not pairs:
-        raise ValueError("image_sets is empty: expected at least one (year, split) pair")
-    return pairs
-
-
-def collect_classes(
-    root: str | os.PathLike[str],
-    image_sets: ImageSet | Iterable[ImageSet] = (("2007", "trainval"),),
-) -> tuple[str, ...]:
-    """Sorted class names found in the annotations of the given splits (custom VOC sets)."""
-    names: set[str] = set()
-    for year, split in _as_image_sets(image_sets):
-        year_dir = resolve_year_dir(root, year)
-        for image_id in _read_split(year_dir, split):
-            xml_path = year_dir / "Annotations" / f"{image_id}.xml"
-            try:
-                root_elem = _read_xml(xml_path)
-            except (FileNotFoundError, ValueError):
-                continue  # the dataset's check lists it with every other bad image
-            for k, obj in enumerate(root_elem.iter("object")):
-                names.add(_text(obj, "name", xml_path, f"object #{k}"))
-    return tuple(sorted(names))
 
 
 class VOCDetection(Dataset):
@@ -147,49 +75,9 @@ class VOCDetection(Dataset):
             raise ValueError(f"classes must be a non-empty list of unique names, got {self.classes}")
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
         self.transform = transform
-        multi_year = len({y for y, _ in self.image_sets}) > 1
-
-        self._image_paths: list[Path] = []
-        self._records: list[VOCRecord] = []
-        self._ids: list[str] = []
-        self.skipped: list[str] = []  # what was wrong with each image left out (skip_bad)
-        listed = 0
-        for year, split in self.image_sets:
-            year_dir = resolve_year_dir(self.root, year)
-            for image_id in _read_split(year_dir, split):
-                listed += 1
-                image_path = year_dir / "JPEGImages" / f"{image_id}.jpg"
-                try:
-                    record = self._check(year_dir, split, image_id, image_path, skip_unknown)
-                except (FileNotFoundError, ValueError) as exc:
-                    self.skipped.append(str(exc))
-                    continue
-                self._image_paths.append(image_path)
-                self._records.append(record)
-                self._ids.append(f"{year}/{image_id}" if multi_year else image_id)
-        if self.skipped and not skip_bad:
-            sets = ", ".join(f"VOC{y} {s}" for y, s in self.image_sets)
-            raise BadImagesError(
-                f"{len(self.skipped)} of {listed} images of {sets} cannot be used; set data.skip_bad "
-                f"(resist-det train --skip-bad) to train on the other {listed - len(self.skipped)}:\n  "
-                + "\n  ".join(self.skipped)
-            )
-        if not self._records:
-            raise BadImagesError(f"none of the {listed} images can be used:\n  " + "\n  ".join(self.skipped))
-
-    def _check(self, year_dir: Path, split: str, image_id: str, image_path: Path, skip_unknown: bool) -> VOCRecord:
-        """The image's annotation, after the pre-flight checks (raises naming the file)."""
-        if not image_path.is_file():
-            raise FileNotFoundError(
-                f"image {image_id!r} listed in {year_dir / 'ImageSets' / 'Main' / (split + '.txt')} "
-                f"but its JPEG is missing: {image_path}"
-            )
-        xml_path = year_dir / "Annotations" / f"{image_id}.xml"
-        record = parse_voc_xml(xml_path, self.class_to_index, skip_unknown=skip_unknown, image_path=image_path)
-        problem = image_problem(image_path, (record.width, record.height))
-        if problem is not None:
-            raise ValueError(problem)
-        return record
+        index = index_image_sets(self.root, self.image_sets, self.class_to_index, skip_unknown=skip_unknown, skip_bad=skip_bad)
+        self._image_paths, self._records, self._ids = index.image_paths, index.records, index.ids
+        self.skipped: list[str] = index.skipped  # what was wrong with each image left out (skip_bad)
 
     def __len__(self) -> int:
         return len(self._records)

@@ -8,7 +8,6 @@ sync), so evaluation of the assembled global network and checkpoints see agreein
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import resource
@@ -24,7 +23,7 @@ import torch.distributed as tdist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ..config import Recipe
+from ..config import Recipe, parse_overrides
 from ..io import atomic_torch_save, atomic_write_json, tensor_checksums
 from ..resist.checkpoint import prune
 from .run_lock import RunLock
@@ -392,17 +391,3 @@ def lost_peer(error: BaseException) -> str | None:
         return None
     kind = "timed out" if "time" in text else "lost its connection"
     return f"communication with the other ranks {kind} ({first.split('] ', 1)[-1]})"
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "data.root=\\"/x\\""]`` -> ``{"train.epochs": 3, "data.root": "/x"}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value  # a bare string
-    return out

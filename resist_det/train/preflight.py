@@ -26,7 +26,7 @@ def check_data(recipe: Recipe) -> None:
 
 def voc_classes(recipe: Recipe) -> list[str]:
     """The recipe's class names: its list, the 20 VOC classes, or ([]) those in the training annotations."""
-    from ..data.voc import VOC_CLASSES, collect_classes
+    from ..data.voc_index import VOC_CLASSES, collect_classes
 
     d = recipe.data
     if d.classes == []:
@@ -36,20 +36,20 @@ def voc_classes(recipe: Recipe) -> list[str]:
 
 def preflight(recipe: Recipe) -> list[str]:
     """Check every training and test image before any rank starts (VOC; other kinds are read
-    whole when built).  Raises :class:`~resist_det.data.voc.BadImagesError` listing every bad
+    whole when built).  Raises :class:`~resist_det.data.voc_index.BadImagesError` listing every bad
     image, or with ``data.skip_bad`` returns those problems (the ranks leave the images out)."""
     check_data(recipe)
     if recipe.data.kind != "voc":
         return []
-    from ..data.voc import BadImagesError, VOCDetection
+    from ..data.voc_index import BadImagesError, index_image_sets
 
     d = recipe.data
-    classes = voc_classes(recipe)
+    class_to_index = {c: i for i, c in enumerate(voc_classes(recipe))}
     problems, listed = [], 0
     for role, sets in (("training", d.train_sets), ("test", d.test_sets)):
-        ds = VOCDetection(d.root, sets, classes, skip_bad=True)
-        listed += len(ds) + len(ds.skipped)
-        problems += [f"{role}: {p}" for p in ds.skipped]
+        index = index_image_sets(d.root, [(str(y), str(s)) for y, s in sets], class_to_index, skip_bad=True)
+        listed += len(index.records) + len(index.skipped)
+        problems += [f"{role}: {p}" for p in index.skipped]
     if problems and not d.skip_bad:
         raise BadImagesError(f"{len(problems)} of the {listed} training and test images cannot be used; set data.skip_bad "
                              f"(resist-det train --skip-bad) to leave them out:\n  " + "\n  ".join(problems))
