@@ -2,7 +2,8 @@
 
 Validated once, at the edge (CLI or ``tools/train.py``), before any rank starts: an unknown
 key or a wrong type is one error naming the key.  ``deepspeed`` is passed to DeepSpeed as
-it is (DeepSpeed validates it); ``resist`` is :class:`resist_det.resist.config.ResISTConfig`.
+it is, after the checks of what DeepSpeed would only refuse inside the ranks (optimizer values,
+ZeRO / fp16 / bf16 outside mode ``ddp``); ``resist`` is :class:`resist_det.resist.config.ResISTConfig`.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class Recipe(_Strict):
         return float(((self.deepspeed.get("optimizer") or {}).get("params") or {}).get("lr", 0.1))
 
 
-# Optimizer hyper-parameters that are numbers >= 0 in every optimizer DeepSpeed builds.
+# Optimizer hyper-parameters that, when given as one value, are numbers >= 0 (DeepSpeed's own
+# optimizers and torch.optim's; a list, as Adafactor's eps pair, is left to the optimizer).
 _NUMERIC_PARAMS = ("lr", "momentum", "weight_decay", "eps", "dampening")
 
 
@@ -171,7 +173,7 @@ def _check_optimizer_params(ds: dict[str, Any]) -> None:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
 
     for key in _NUMERIC_PARAMS:
-        if key in params and not number(params[key]):
+        if params.get(key) is not None and not isinstance(params[key], (list, tuple)) and not number(params[key]):
             raise ValueError(f"deepspeed.optimizer.params.{key}: expected a number >= 0, got {params[key]!r}")
     betas = params.get("betas")
     if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):

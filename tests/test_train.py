@@ -235,6 +235,8 @@ def _snapshot(folder):
         (["--set", 'deepspeed.zero_optimization={"stage": 2}'], "deepspeed.zero_optimization.stage must be 0 with resist.mode='resist'"),
         (["--set", 'deepspeed.fp16={"enabled": true}'], "deepspeed.fp16.enabled is not supported with resist.mode='resist'"),
         (["--set", 'train.output_dir="{tmp}/a_file"'], "train.output_dir {tmp}/a_file is a file, not a folder"),
+        (["--set", 'train.output_dir="{tmp}/a_file/run"'], "train.output_dir {tmp}/a_file/run: {tmp}/a_file is a file, not a folder"),
+        (["--set", "deepspeed.fp16=true"], "deepspeed.fp16: expected an object such as {\"enabled\": false}, got True"),
     ],
 )
 def test_train_refuses_bad_input_before_starting(recipe_file, tmp_path, args, msg):

@@ -73,6 +73,9 @@ class ResISTConfig(BaseModel):
 def check_deepspeed_config(ds: dict[str, Any], mode: str, prefix: str = "") -> None:
     """Refuse DeepSpeed features that assume every rank holds the same parameters (outside mode
     ``ddp``); ``prefix`` is where the section sits (``"deepspeed."`` in a recipe)."""
+    for key, example in (("zero_optimization", '{"stage": 0}'), ("fp16", '{"enabled": false}'), ("bf16", '{"enabled": false}')):
+        if ds.get(key) is not None and not isinstance(ds[key], dict):
+            raise ValueError(f"{prefix}{key}: expected an object such as {example}, got {ds[key]!r}")
     if mode == "ddp":
         return
     zero = (ds.get("zero_optimization") or {}).get("stage", 0)

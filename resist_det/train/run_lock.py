@@ -54,8 +54,10 @@ class RunLock:
 
     def _check_folder(self) -> None:
         folder = self.path.parent
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"train.output_dir {folder} is a file, not a folder; choose another output_dir")
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "" if existing == folder else f": {existing}"
+            raise ValueError(f"train.output_dir {folder}{where} is a file, not a folder; choose another output_dir")
 
     def check(self) -> None:
         """Refuse now if a live run holds the lock (the launcher's early check; rank 0 still acquires)."""
