@@ -102,11 +102,12 @@ class VOCIndex:
     skipped: list[str] = field(default_factory=list)
 
 
-def index_image_sets(root: str | os.PathLike[str], image_sets: list[ImageSet], class_to_index: dict[str, int], *,
-                     skip_unknown: bool = False, skip_bad: bool = False) -> VOCIndex:
+def index_image_sets(root: str | os.PathLike[str], image_sets: ImageSet | Iterable[ImageSet], class_to_index: dict[str, int],
+                     *, skip_unknown: bool = False, skip_bad: bool = False) -> VOCIndex:
     """Check every image listed by ``image_sets``; raises :class:`BadImagesError` listing every
     bad one (unless ``skip_bad``) or when none is usable.  Ids are ``"<year>/<id>"`` when
     several years are indexed."""
+    image_sets = _as_image_sets(image_sets)
     multi_year = len({y for y, _ in image_sets}) > 1
     index, listed = VOCIndex(), 0
     for year, split in image_sets:

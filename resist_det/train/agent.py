@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         said = {_reason(f) for f in e.failures.values() if f.error_file_data.get("printed")}
         for rank, failure in sorted(e.failures.items()):
             line = f"resist-det: rank {rank} (local_rank: {failure.local_rank}, pid {failure.pid}) failed: {describe_exit(failure.exitcode)}"
-            if failure.error_file_data.get("printed") is False and _reason(failure) not in said:
-                line += f": {_reason(failure)}"
-                said.add(_reason(failure))
+            reason = _reason(failure)
+            if failure.error_file_data.get("printed") is False and reason not in said:
+                line += f": {reason}"
+                said.add(reason)
             print(line, file=sys.stderr, flush=True)
         return 1
     return 0

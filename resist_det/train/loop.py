@@ -382,11 +382,9 @@ _LOST_PEER = ("timed out", "timeout", "connection closed by peer", "connection r
 
 def lost_peer(error: BaseException) -> str | None:
     """``"communication timed out (...)"`` when ``error`` is a collective losing its peer, else None."""
-    import torch.distributed as dist
-
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = first.lower()
-    from_comm = isinstance(error, getattr(dist, "DistError", ())) or any(m in text for m in ("gloo", "nccl", "c10d"))
+    from_comm = isinstance(error, getattr(tdist, "DistError", ())) or any(m in text for m in ("gloo", "nccl", "c10d"))
     if not from_comm or not any(k in text for k in _LOST_PEER):  # e.g. a DataLoader timeout is not a lost peer
         return None
     kind = "timed out" if "time" in text else "lost its connection"

@@ -47,7 +47,7 @@ def preflight(recipe: Recipe) -> list[str]:
     class_to_index = {c: i for i, c in enumerate(voc_classes(recipe))}
     problems, listed = [], 0
     for role, sets in (("training", d.train_sets), ("test", d.test_sets)):
-        index = index_image_sets(d.root, [(str(y), str(s)) for y, s in sets], class_to_index, skip_bad=True)
+        index = index_image_sets(d.root, sets, class_to_index, skip_bad=True)
         listed += len(index.records) + len(index.skipped)
         problems += [f"{role}: {p}" for p in index.skipped]
     if problems and not d.skip_bad:
