@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,12 +75,6 @@ def check_resume(recipe: Recipe, world_size: int) -> str:
     return tag
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, overrides: dict[str, Any] | None = None,
            progress: bool = True, max_restarts: int = 0) -> int:
     """Validate, then train on ``nproc`` local ranks; returns the exit code."""
@@ -105,10 +98,12 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
         return 0
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))}
     for attempt in range(max_restarts + 1):
-        # A fresh launcher (new port, new rendezvous store) per attempt: a restarted attempt
-        # continues from the newest complete checkpoint of this run (--resume auto).
-        cmd = [sys.executable, "-m", "resist_det.train.agent", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        # A fresh launcher (new rendezvous store) per attempt: a restarted attempt continues from
+        # the newest complete checkpoint of this run (--resume auto).  --standalone: the launcher
+        # binds its store to a port the OS hands it, and the ranks share that store.  A port picked
+        # here and passed on could be taken before the launcher binds it (another run's pick, or
+        # an outgoing connection's ephemeral port): two runs started together then collided.
+        cmd = [sys.executable, "-m", "resist_det.train.agent", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "resist_det.train", str(recipe_path(recipe_file))]
         for k, v in (overrides or {}).items():
             cmd += ["--set", f"{k}={json.dumps(v)}"]

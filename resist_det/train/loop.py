@@ -11,7 +11,6 @@ import datetime
 import math
 import os
 import resource
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,10 +49,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python tools/train.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(dict(zip(_WORLD_OF_ONE_ENV, ("0", "0", "1", "127.0.0.1", str(port)))))
+        # port 0: its store binds one the OS hands it (a port picked here could be taken first)
+        os.environ.update(dict(zip(_WORLD_OF_ONE_ENV, ("0", "0", "1", "127.0.0.1", "0"))))
     if not tdist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
