@@ -160,3 +160,24 @@ def test_prune_keeps_the_newest_complete_checkpoints_and_latest(tmp_path):
     (root / "latest").write_text("epoch0003")
     assert sorted(prune(root, 2)) == ["epoch0000", "epoch0001"]
     assert sorted(p.name for p in root.iterdir()) == ["epoch0002", "epoch0003", "epoch0004", "latest"]
+
+
+def test_write_record_sweeps_half_written_files_of_killed_writers(tmp_path):
+    """A rank killed while writing its file leaves ``.NAME.*.tmp`` in the tag; rank 0 killed while
+    moving ``latest`` leaves ``.latest.*.tmp`` beside it.  The next save of the tag removes both
+    and lists neither in the manifest."""
+    from resist_det.resist.checkpoint import resume_tag, write_record
+    from resist_det.resist.config import ResISTConfig
+
+    root = tmp_path / "checkpoints"
+    (root / "epoch0001").mkdir(parents=True)
+    (root / "epoch0001" / "w.pt").write_bytes(b"weights")
+    (root / "epoch0001" / ".w1.pt.abc.tmp").write_bytes(b"half")
+    (root / ".latest.xyz.tmp").write_text("epoch00")
+    (root / "notes.tmp").write_text("a user's file")  # not one of ours: kept
+    write_record(root, "epoch0001", 1, ResISTConfig(), step=3)
+    assert sorted(p.name for p in root.iterdir()) == ["epoch0001", "latest", "notes.tmp"]
+    assert sorted(p.name for p in (root / "epoch0001").iterdir()) == ["resist.json", "w.pt"]
+    record = json.loads((root / "epoch0001" / "resist.json").read_text())
+    assert record["files"] == {"w.pt": {"bytes": 7, "sha256": _sha(root / "epoch0001" / "w.pt")}}
+    assert resume_tag(root) == ("epoch0001", None)

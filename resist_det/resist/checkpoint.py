@@ -77,6 +77,8 @@ def write_record(checkpoint_dir: str | Path, tag: str, world_size: int, config: 
     record = {"world_size": world_size, "resist": config.model_dump(mode="json"), "step": step, "files": files}
     path = atomic_write_json(where / RECORD_FILE, record)
     if mark_latest:
+        for stale in Path(checkpoint_dir).glob(".latest.*.tmp"):  # rank 0 killed while moving `latest`; only it writes it
+            stale.unlink(missing_ok=True)
         atomic_write_text(Path(checkpoint_dir) / "latest", str(tag))
     return path
 
