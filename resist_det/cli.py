@@ -49,7 +49,7 @@ def train(
     nproc: Annotated[int, typer.Option(min=1, help="Ranks to start on this machine (ignored inside a launcher).")] = 1,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint of the recipe's output_dir.")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Override a recipe key, e.g. --set train.epochs=3.")] = [],  # noqa: B006
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on rank 0 (a line per epoch is printed either way).")] = True,
     max_restarts: Annotated[int, typer.Option(min=0, help="Restart all ranks this many times after a failure, "
                                               "each time from the newest complete checkpoint.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out (and list) images that fail the pre-flight "

@@ -179,6 +179,7 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
         (tmp_path / "recipe.json").write_text(json.dumps(recipe))
         result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.json"), "--nproc", "1", "--no-progress"])
         assert result.exit_code == 0, result.output
+        assert "epoch 1/1  train_loss" in result.output  # --no-progress drops the bar, not the epoch line
         assert (tmp_path / out / "global_model.pt").is_file()
         assert not dist.is_initialized() and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
 

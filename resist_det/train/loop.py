@@ -156,7 +156,8 @@ def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:
     recipe = run.recipe
     start_epoch, wall_before = resume_from_checkpoint(run) if resume else (0, 0.0)
     open_log(run, start_epoch)
-    bar = Progress(recipe.train.epochs, run.steps_per_epoch, enabled=progress and run.rank == 0, start_epoch=start_epoch)
+    bar = Progress(recipe.train.epochs, run.steps_per_epoch, enabled=run.rank == 0, start_epoch=start_epoch,
+                   bar=progress)
     summary: dict[str, Any] = {}
     t_start = time.perf_counter() - wall_before
     for epoch in range(start_epoch, recipe.train.epochs):

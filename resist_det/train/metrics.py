@@ -76,13 +76,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Rank 0's progress: a rich bar on a terminal, a line per epoch otherwise."""
+    """Rank 0's progress: a line per epoch, above a rich bar on a terminal (``bar=False``: lines only,
+    what ``--no-progress`` asks for)."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool = True, start_epoch: int = 0) -> None:
+    def __init__(self, epochs: int, steps_per_epoch: int, enabled: bool = True, start_epoch: int = 0,
+                 bar: bool = True) -> None:
         self.enabled = enabled
         self.epochs, self.steps = epochs, steps_per_epoch
         self._bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and bar and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
