@@ -103,7 +103,9 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
         # binds its store to a port the OS hands it, and the ranks share that store.  A port picked
         # here and passed on could be taken before the launcher binds it (another run's pick, or
         # an outgoing connection's ephemeral port): two runs started together then collided.
-        cmd = [sys.executable, "-m", "resist_det.train.agent", "--standalone", "--nproc_per_node", str(nproc),
+        # --local-addr: the ranks reach that store on loopback, not at this host's name.
+        cmd = [sys.executable, "-m", "resist_det.train.agent", "--standalone", "--local-addr", "127.0.0.1",
+               "--nproc_per_node", str(nproc),
                "-m", "resist_det.train", str(recipe_path(recipe_file))]
         for k, v in (overrides or {}).items():
             cmd += ["--set", f"{k}={json.dumps(v)}"]
