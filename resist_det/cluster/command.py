@@ -37,9 +37,8 @@ def cluster_command(
         rates = node_rates(nodes, rate, rate_per_node.split(",") if rate_per_node else None)
         check_privileges()
         if not target.endswith(".py"):  # a recipe: check it and its data before anything is created
-            from ..config import load_recipe
+            from ..config import load_recipe, parse_overrides
             from ..train.launch import recipe_path
-            from ..config import parse_overrides
             from ..train.preflight import check_data
 
             sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
