@@ -137,13 +137,13 @@ class Recipe(_Strict):
                              f"(or give model.layers); got {m.depth}")
         elif m.layers is not None and (len(m.layers) != 4 or min(m.layers) < 1):
             raise ValueError(f"model.layers: the blocks of 4 sections, at least one each; got {m.layers}")
-        if self.resist.mode != "resist" or self.resist.block_pattern is not None:
+        if self.resist.mode != "resist" or self.resist.block_pattern is not None or self.resist.sections is not None:
             return
         n = partitionable_count(self.model.sections)
         if n < 1:
             raise ValueError(f"model: section 3 has {n + 1} block, so ResIST has nothing to partition (its first block "
                              "stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
-        if self.resist.min_blocks > n:
+        if self.resist.min_blocks is not None and self.resist.min_blocks > n:
             raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable section-3 blocks of this model "
                              f"(model.layers / model.depth); got {self.resist.min_blocks}")
 

@@ -56,10 +56,11 @@ def train_steps(engine, steps, gen, size=8):
 
 
 def block_snapshot(engine):
-    """Partitioned block index -> its tensors (sync order), flattened."""
+    """Partitioned block index -> its tensors (sync order), flattened; every section's slots, empty ones skipped."""
     from resist_det.resist.sync import block_tensors
 
-    return {b: torch.cat([t.flatten() for t in block_tensors(s)]).clone() for b, s in zip(engine.section.slot_blocks, engine.section.slots)}
+    s = engine.strategy
+    return {b: torch.cat([t.flatten() for t in block_tensors(m)]).clone() for b, m in zip(s.slot_blocks, s.slots) if b is not None}
 
 
 def shared_snapshot(engine):

@@ -10,10 +10,19 @@ from helpers import LAYERS, batch as _batch, block_snapshot, ds_config as _cfg, 
 from helpers import train_steps as _train
 
 
+#: A stock ResNet whose partitionable blocks lie in every section: layer1.1, layer2.1-2, layer3.1-3,
+#: layer4.1 (layer1.0 stays shared: its section has no strided block to keep it non-empty).
+SECTIONS_LAYERS = (2, 3, 4, 2)
+SECTIONS_BLOCKS = ["layer1.1", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer4.1"]
+
+
 def _build(kind, seed, meta=False):
-    """This project's pre-activation net (on the meta device if asked), or a stock torchvision ResNet."""
+    """This project's pre-activation net (on the meta device if asked), or a stock torchvision
+    ResNet (``sections``: partitioned in every section)."""
     if kind == "preact":
         return _net(seed=seed, device="meta" if meta else None)
+    if kind == "sections":
+        return stock_net(seed=seed, layers=SECTIONS_LAYERS)
     return stock_net(seed=seed, layers=LAYERS)
 
 
@@ -99,8 +108,9 @@ def _sync_rounds(rank, world, rounds, min_blocks, kind):
         engine.synchronize()
         history.append((plan_before, engine.plan.groups, before, _snapshot(engine)))
     # What this rank holds: module, gradients and optimizer state cover only its own tensors.
-    module_params = {id(p) for p in engine.module.parameters()}
     opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    all_params = {id(p) for p in engine.module.parameters()}
+    module_params = {id(p) for p in engine.module.parameters() if p.numel()}  # empty slots hold nothing
     _train(engine, 1, gen)  # momentum buffers exist now
     x, y = _batch(gen)
     engine.backward(F.cross_entropy(engine(x), y))  # gradients exist now (until the next step)
@@ -109,22 +119,27 @@ def _sync_rounds(rank, world, rounds, min_blocks, kind):
     n_params = sum(p.numel() for p in engine.module.parameters())
     return dict(
         history=history,
-        opt_is_module=opt_params == module_params,
+        opt_is_module=opt_params == all_params,
         state_in_module=state_params <= module_params and grad_params == module_params,
         n_params=n_params,
-        n_slots=len(engine.section.slots),
+        n_slots=len(engine.strategy.slots),
+        names=engine.block_names,
         memory=memory_footprint(engine),
         scale=engine.residual_scale(),
     )
 
 
-@pytest.mark.parametrize("world,min_blocks,kind", [(2, 2, "preact"), (4, 2, "preact"), (2, 2, "stock")])
+@pytest.mark.parametrize("world,min_blocks,kind", [(2, 2, "preact"), (4, 2, "preact"), (2, 2, "stock"),
+                                                   (2, 2, "sections"), (4, 2, "sections")])
 def test_sync_invariants(tmp_path, world, min_blocks, kind):
     res = run_on_ranks(_sync_rounds, world, tmp_path, 3, min_blocks, kind, timeout=300)
-    n_blocks = LAYERS[2] - 1
+    names = SECTIONS_BLOCKS if kind == "sections" else [f"layer3.{i}" for i in range(1, LAYERS[2])]
+    assert res[0]["names"] == names
+    n_blocks = len(names)
     k = max(-(-n_blocks // world), min_blocks)
-    full = sum(p.numel() for p in _build(kind, 0).parameters())
-    block = sum(p.numel() for p in _build(kind, 0).layer3[1].parameters())
+    ref = _build(kind, 0)
+    full = sum(p.numel() for p in ref.parameters())
+    size = [sum(p.numel() for p in ref.get_submodule(n).parameters()) for n in names]
     for t in range(3):
         old_plans = {r["history"][t][0] for r in res}
         new_plans = {r["history"][t][1] for r in res}
@@ -149,10 +164,12 @@ def test_sync_invariants(tmp_path, world, min_blocks, kind):
                 torch.testing.assert_close(value, mean, rtol=1e-6, atol=1e-7)
         if world > 1:
             assert any(len([h for h in range(world) if b in old[h]]) > 1 for b in range(n_blocks)) or world * k == n_blocks
-    for r in res:
-        # A rank holds the shared layers plus exactly k blocks: never a block it does not hold.
-        assert r["n_slots"] == k
-        assert r["n_params"] == full - (n_blocks - k) * block
+    last = res[0]["history"][-1][1]
+    for rank, r in enumerate(res):
+        # A rank holds the shared layers plus exactly its k blocks: never a block it does not hold.
+        assert r["n_slots"] == (k if kind != "sections" else sum(min(k, [n.split(".")[0] for n in names].count(s))
+                                                                   for s in ("layer1", "layer2", "layer3", "layer4")))
+        assert r["n_params"] == full - sum(size[b] for b in range(n_blocks) if b not in last[rank])
         assert r["opt_is_module"] and r["state_in_module"]
         assert r["memory"]["parameters"] == 4 * r["n_params"]
         assert r["memory"]["gradients"] == 4 * r["n_params"]

@@ -95,12 +95,29 @@ def test_branch_scale_and_fold(build):
     torch.testing.assert_close(block(x.clone()), quarter, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("build", [lambda d: cifar_preact_resnet101(device=d), lambda d: resnet(101, device=d)])
-def test_partitionable_blocks_resnet101(build):
-    net = build("meta")
-    names = partitionable_blocks(net)
+def test_partitionable_blocks_resnet101():
+    # The project's pre-activation network names its section (the paper's section 3) ...
+    names = partitionable_blocks(cifar_preact_resnet101(device="meta"))
     assert names == [f"layer3.{i}" for i in range(1, 23)]
     assert "layer3.0" not in names  # the strided block stays shared
+    # ... a stock torchvision ResNet101 partitions every section (each keeps its strided first block).
+    tv = resnet(101, device="meta")
+    assert partitionable_blocks(tv) == [f"layer{s}.{i}" for s, n in zip((1, 2, 3, 4), (3, 4, 23, 3)) for i in range(1, n)]
+    assert partitionable_blocks(tv, sections=["layer3"]) == names
+
+
+def test_sections_errors():
+    net = preact_resnet(50, device="meta")
+    assert partitionable_blocks(net, sections=["layer2", "layer4"]) == ["layer2.1", "layer2.2", "layer2.3", "layer4.1", "layer4.2"]
+    with pytest.raises(ValueError, match="resist.sections: 'layer7' names no module"):
+        partitionable_blocks(net, sections=["layer7"])
+    with pytest.raises(TypeError, match="'layer3.0' is a .*nn.Sequential"):
+        partitionable_blocks(net, sections=["layer3.0"])
+    with pytest.raises(ValueError, match="give one of them"):
+        partitionable_blocks(net, r"layer2\.1", sections=["layer2"])
+    one_block = preact_resnet(layers=[1, 1, 3, 1], device="meta")
+    with pytest.raises(ValueError, match="resist.sections: 'layer4' has no partitionable block"):
+        partitionable_blocks(one_block, sections=["layer3", "layer4"])
 
 
 def test_block_pattern_errors():
@@ -111,8 +128,7 @@ def test_block_pattern_errors():
         partitionable_blocks(net, r"^layer3\.\d+$")
     with pytest.raises(ValueError, match="which is not a residual block"):
         partitionable_blocks(net, r"^layer3$")
-    with pytest.raises(ValueError, match="several sections"):
-        partitionable_blocks(net, r"^layer[23]\.[1-3]$")
+    assert partitionable_blocks(net, r"^layer[23]\.[1-2]$") == ["layer2.1", "layer2.2", "layer3.1", "layer3.2"]
     assert partitionable_blocks(net, r"^layer2\.[1-3]$") == ["layer2.1", "layer2.2", "layer2.3"]
 
 

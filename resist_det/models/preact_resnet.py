@@ -49,6 +49,10 @@ class PreActResNet(nn.Module):
         seed: seed of the per-unit initialisation (see :mod:`resist_det.resist.seeding`).
     """
 
+    #: ResIST partitions section 3 only, as the paper does, so its figures stay reproducible
+    #: (``resist.sections`` chooses others).
+    resist_sections = ("layer3",)
+
     def __init__(
         self,
         block: BlockType,

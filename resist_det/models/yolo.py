@@ -100,6 +100,10 @@ class YOLODetector(nn.Module):
             the ~1000 empty anchors start near "no object" instead of 0.5.
     """
 
+    #: ResIST partitions section 3 only, as the paper does, so its figures stay reproducible
+    #: (``resist.sections`` chooses others).
+    resist_sections = ("layer3",)
+
     def __init__(
         self,
         backbone: ResNet,

@@ -24,7 +24,8 @@ from torch import nn
 from .config import ResISTConfig, check_deepspeed_config, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
-from .plan import check_plan_args, degenerate_plan, make_plan
+from .partition import section_of
+from .plan import blocks_per_worker, check_plan_args, degenerate_plan, make_plan, resolve_min_blocks
 from .optimizer_state import adaptive_optimizer
 from .strategies import make_strategy
 from .subnet import make_sub_resnet
@@ -85,10 +86,12 @@ def initialize(
         lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param,
     )
-    # deepspeed.initialize broadcast every parameter from rank 0: restore this rank's own blocks.
+    # deepspeed.initialize broadcast every parameter from rank 0 (the slots empty on every rank,
+    # so the structures matched): give this rank's own blocks back.
     if stash:
-        for slot, state in zip(sub["section"].slots, stash):
-            slot.load_state_dict(state)
+        for (sec, i), state in stash:
+            sec.allocate(i)
+            sec.slots[i].load_state_dict(state)
     if rc.mode != "ddp":
         engine.enable_backward_allreduce = False
     strategy = make_strategy(rc, engine.module, engine.optimizer, dist.get_rank(), dist.get_world_size(),
@@ -168,21 +171,36 @@ def _keep_params(groups: list[dict[str, Any]], keep: set[int]) -> list[dict[str,
     return [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in groups]
 
 
+def _block_sizes(model: nn.Module, names: list[str]) -> list[int]:
+    """Elements (parameters and floating buffers) of each block: what a block costs to hold and send."""
+    modules = dict(model.named_modules())
+    return [sum(t.numel() for t in (*modules[n].parameters(), *modules[n].buffers()) if t.is_floating_point())
+            for n in names]
+
+
 def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig):
-    """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the section,
-    and a copy of its blocks to restore after DeepSpeed's broadcast."""
-    names = partitionable_blocks(model, rc.block_pattern)
+    """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the
+    strategy's arguments (empty when the plan degenerates into local SGD), and a copy of its
+    blocks to restore after DeepSpeed's broadcast."""
+    names = partitionable_blocks(model, rc.block_pattern, rc.sections)
     if not names:
         raise ValueError(
-            f"{type(model).__name__} has no partitionable blocks (no 'layer3' or 'encoder.layers' section"
+            f"{type(model).__name__} has no partitionable blocks (no ResNet 'layerN' or 'encoder.layers' section"
             + (f" or blocks matching {rc.block_pattern!r}" if rc.block_pattern else "")
-            + "); use resist.mode 'local_sgd' for this model, or set resist.block_pattern"
+            + "); use resist.mode 'local_sgd' for this model, or set resist.sections or resist.block_pattern"
         )
     world, rank = dist.get_world_size(), dist.get_rank()
-    check_plan_args(world, len(names), rc.min_blocks)
-    reason = degenerate_plan(world, len(names), rc.min_blocks)
-    if reason and rank == 0:
-        warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
+    min_blocks = resolve_min_blocks(rc.min_blocks, len(names))
+    check_plan_args(world, len(names), min_blocks)
+    reason = degenerate_plan(world, len(names), min_blocks)
+    if reason:
+        # Every sub-ResNet would hold every block: sync as local SGD does (one all-reduce, no
+        # routing), never with more bytes.
+        if rank == 0:
+            warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
+        if model_parameters is None:
+            model_parameters = [p for p in model.parameters() if p.requires_grad]
+        return model, model_parameters, {}, []
     meta = any(p.is_meta for p in model.parameters())
     if isinstance(optimizer, torch.optim.Optimizer) and meta:
         raise ValueError("a client optimizer instance cannot hold the parameters of a model on the meta device; "
@@ -198,11 +216,16 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc
         groups = None
     if not meta:
         _same_start(model)
+    sizes = _block_sizes(model, names)
+    per_section = [section_of(names)[1].count(s) for s in range(len(section_of(names)[0]))]
+    k = blocks_per_worker(world, len(names), min_blocks)
     # The local-SGD warm-up (paper section 2.6) trains the whole network on every rank: all
-    # blocks in slots.  The strategy shrinks the section to this rank's first group at the switch.
+    # blocks in slots.  The strategy shrinks the sections to this rank's first group at the switch.
     warmup = rc.warmup_local_sgd_steps > 0
-    held = list(range(len(names))) if warmup else make_plan(rc.seed, 0, world, len(names), rc.min_blocks).groups[rank]
-    model, section, section_name = make_sub_resnet(model, names, held, seed=rc.seed)
+    held = list(range(len(names))) if warmup else make_plan(rc.seed, 0, world, len(names), min_blocks, sizes).groups[rank]
+    # A worker holds at most min(k, n_s) blocks of section s in any round: that many slots.
+    slots = [min(k, n) for n in per_section]
+    model, sections = make_sub_resnet(model, names, held, seed=rc.seed, slots_per_section=per_section if warmup else slots)
     held_ids = {id(p) for p in model.parameters()}
     if groups is None:  # materialised from the meta device: new parameter objects
         params: Any = [p for p in model.parameters() if p.requires_grad]
@@ -214,7 +237,15 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc
         optimizer.param_groups[:] = _keep_params(optimizer.param_groups, held_ids)
         for p in [p for p in optimizer.state if id(p) not in held_ids]:
             del optimizer.state[p]
-    # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks.
+    # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks aside
+    # and empty every slot, so that all ranks show DeepSpeed the same (empty) slots.
     # (During the warm-up every rank starts from rank 0's copy of everything, as in local_sgd.)
-    stash = [] if warmup else [{k: v.clone() for k, v in s.state_dict().items()} for s in section.slots]
-    return model, params, dict(block_names=names, section=section, section_name=section_name), stash
+    stash = []
+    if not warmup:
+        for _, sec in sections:
+            for i, b in enumerate(sec.slot_blocks):
+                if b is not None:
+                    stash.append(((sec, i), {k: v.clone() for k, v in sec.slots[i].state_dict().items()}))
+                sec.release(i)
+    sub = dict(block_names=names, sections=sections, slots_per_section=slots, block_sizes=sizes)
+    return model, params, sub, stash

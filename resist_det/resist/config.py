@@ -43,7 +43,8 @@ class ResISTConfig(BaseModel):
 
     mode: Literal["resist", "local_sgd", "ddp"] = Field("resist", description="resist, the local-SGD baseline, or plain DeepSpeed data parallel")
     local_steps: int = Field(50, ge=1, description="local steps between synchronisations (paper: 50; ImageNet 15)")
-    min_blocks: int = Field(5, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10)")
+    min_blocks: int | None = Field(None, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10); "
+                                   "default: a fifth of the partitionable blocks, rounded up (5 of the paper's 22)")
     seed: int = Field(0, ge=0, description="seed of the partition plans")
     scale: Literal["inclusion", "inverse_s"] = Field("inclusion", description="residual scaling of the global network")
     momentum: Literal["auto", "restart", "keep", "average"] = Field(
@@ -53,10 +54,18 @@ class ResISTConfig(BaseModel):
     bn: Literal["average", "local"] = Field("average", description="BN running statistics: averaged at sync, or kept local")
     bn_sync_rounds: int = Field(1, ge=1, description="average BN statistics every this many rounds (paper ImageNet: 1300)")
     warmup_local_sgd_steps: int = Field(0, ge=0, description="local-SGD steps before ResIST starts (paper section 2.6)")
-    block_pattern: str | None = Field(None, description="regex of partitionable block names; default: non-strided layer3 blocks")
+    sections: list[str] | None = Field(None, min_length=1, description="partitioned sections (module names, e.g. ['layer3', "
+                                       "'layer4']); default: the model's resist_sections, else every ResNet section")
+    block_pattern: str | None = Field(None, description="regex of partitionable block names, instead of sections")
     bucket_mb: float = Field(32.0, gt=0, description="size of the flat buckets used to average shared tensors")
     compression: CompressionConfig = Field(default_factory=CompressionConfig,
                                            description="transport of every tensor a sync sends (paper A.5), e.g. {\"bits\": 8}")
+
+    @model_validator(mode="after")
+    def _one_block_selection(self) -> ResISTConfig:
+        if self.sections is not None and self.block_pattern is not None:
+            raise ValueError("resist.sections and resist.block_pattern both select the partitioned blocks; give one of them")
+        return self
 
     @model_validator(mode="after")
     def _compression_needs_rounds(self) -> ResISTConfig:

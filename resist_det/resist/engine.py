@@ -116,7 +116,8 @@ class ResISTEngine:
 
     # Mode resist only: the plan of the current round and this rank's sub-ResNet.
     plan = property(lambda self: getattr(self.strategy, "plan", None), doc="the current round's plan (mode resist)")
-    section = property(lambda self: getattr(self.strategy, "section", None), doc="the slotted section (mode resist)")
+    section = property(lambda self: getattr(self.strategy, "section", None), doc="the slotted section, when one is partitioned")
+    sections = property(lambda self: getattr(self.strategy, "sections", []), doc="the slotted sections (mode resist)")
     block_names = property(lambda self: getattr(self.strategy, "block_names", []), doc="partitioned blocks (mode resist)")
     resist_start = property(lambda self: getattr(self.strategy, "resist_start", None), doc="round of ResIST round 0")
 

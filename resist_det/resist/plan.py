@@ -11,6 +11,13 @@ Which group goes to which rank does not change the distribution over sub-network
 chosen to keep as many blocks as possible where they already are (a maximum-overlap
 assignment against the previous round): fewer bytes moved for the same randomness.
 
+Blocks of several sections (``resist.sections``) differ in size: a ``layer4`` bottleneck of a
+ResNet50 holds 64 times the parameters of a ``layer1`` one, though both cost about the same
+FLOPs.  Given the blocks' ``sizes``, the deal stays random and equal in block count (equal
+compute) but balances parameters: blocks go out largest first, each to the sub-ResNet holding
+the fewest parameters so far (ties in a random order), and the keep-blocks assignment weighs
+overlap by size.  With blocks of one size this is not used: the plan is the paper's, above.
+
 Example::
 
     >>> plan = make_plan(seed=0, round=0, num_workers=4, num_blocks=22, min_blocks=5)
@@ -23,14 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "Plan", "make_plan", "iter_plans", "reducer_of", "p2p_sends", "blocks_per_worker", "inclusion_probability",
-    "check_plan_args", "degenerate_plan",
+    "check_plan_args", "degenerate_plan", "default_min_blocks", "resolve_min_blocks", "p2p_bytes",
 ]
 
 
@@ -44,6 +51,11 @@ class Plan:
     @property
     def num_workers(self) -> int:
         return len(self.groups)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks the plan deals (every block is held by some worker)."""
+        return 1 + max(max(g) for g in self.groups)
 
     def holders(self, block: int) -> tuple[int, ...]:
         """Ranks holding ``block`` in this round, ascending."""
@@ -65,6 +77,17 @@ def check_plan_args(num_workers: int, num_blocks: int, min_blocks: int) -> None:
         )
 
 
+def default_min_blocks(num_blocks: int) -> int:
+    """``resist.min_blocks`` when the config leaves it out: a fifth of the partitionable blocks,
+    rounded up (the paper's 5 of the 22 blocks of ResNet101's section 3)."""
+    return max(1, math.ceil(num_blocks / 5))
+
+
+def resolve_min_blocks(min_blocks: int | None, num_blocks: int) -> int:
+    """The minimum depth in force: ``min_blocks`` as given, or :func:`default_min_blocks`."""
+    return default_min_blocks(num_blocks) if min_blocks is None else min_blocks
+
+
 def blocks_per_worker(num_workers: int, num_blocks: int, min_blocks: int) -> int:
     """Size k of every sub-ResNet's partitioned part: ``max(ceil(n / S), min_blocks)``."""
     check_plan_args(num_workers, num_blocks, min_blocks)
@@ -77,7 +100,8 @@ def degenerate_plan(num_workers: int, num_blocks: int, min_blocks: int) -> str |
     if num_workers > 1 and k >= num_blocks:
         return (
             f"every sub-ResNet holds all {num_blocks} partitionable blocks (min_blocks {min_blocks} >= {num_blocks} blocks): "
-            "this is local SGD; lower resist.min_blocks or partition more blocks (resist.block_pattern)"
+            "this is local SGD (it syncs as local SGD does); lower resist.min_blocks or partition more blocks "
+            "(resist.sections)"
         )
     return None
 
@@ -99,34 +123,75 @@ def _deal(rng: np.random.Generator, num_workers: int, num_blocks: int, k: int) -
     return [sorted(int(perm[(i * k + j) % num_blocks]) for j in range(k)) for i in range(num_workers)]
 
 
-def _assign(groups: list[list[int]], previous: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
-    """Give each rank the new group that overlaps most with what it holds now."""
-    overlap = np.array([[len(set(prev) & set(g)) for g in groups] for prev in previous])
+def _deal_balanced(rng: np.random.Generator, num_workers: int, sizes: Sequence[int], k: int) -> list[list[int]]:
+    """Deal blocks of unequal sizes: ``k`` each, largest first, each to the lightest worker.
+
+    A random permutation orders blocks of equal size and a second one the workers (ties).  The
+    first lap hands out every block once; further laps (``S k > n``) hand out blocks again to
+    workers that do not hold them yet, until every worker has ``k``."""
+    order = sorted(rng.permutation(len(sizes)).tolist(), key=lambda b: -sizes[b])  # stable: ties stay shuffled
+    workers = rng.permutation(num_workers).tolist()
+    groups: list[list[int]] = [[] for _ in range(num_workers)]
+    load = [0] * num_workers
+    placed = 0
+    while placed < num_workers * k:
+        for b in order:
+            free = [w for w in workers if len(groups[w]) < k and b not in groups[w]]
+            if not free:
+                continue
+            w = min(free, key=lambda w: load[w])  # first in the shuffled order among the lightest
+            groups[w].append(b)
+            load[w] += sizes[b]
+            placed += 1
+            if placed == num_workers * k:
+                break
+    return [sorted(g) for g in groups]
+
+
+def _assign(groups: list[list[int]], previous: tuple[tuple[int, ...], ...],
+            sizes: Sequence[int] | None = None) -> tuple[tuple[int, ...], ...]:
+    """Give each rank the new group that overlaps most (in blocks, or in ``sizes``) with what it holds now."""
+    weight = (lambda common: len(common)) if sizes is None else (lambda common: sum(sizes[b] for b in common))
+    overlap = np.array([[weight(set(prev) & set(g)) for g in groups] for prev in previous])
     _, cols = linear_sum_assignment(-overlap)
     return tuple(tuple(groups[c]) for c in cols)
 
 
-def iter_plans(seed: int, num_workers: int, num_blocks: int, min_blocks: int, start: int = 0) -> Iterator[Plan]:
+def _check_sizes(sizes: Sequence[int] | None, num_blocks: int) -> Sequence[int] | None:
+    """``sizes`` if blocks differ in size, ``None`` if they are all alike (the paper's plan)."""
+    if sizes is None:
+        return None
+    if len(sizes) != num_blocks:
+        raise ValueError(f"sizes must give one size per block ({num_blocks}), but got {len(sizes)}")
+    return None if len(set(sizes)) <= 1 else list(sizes)
+
+
+def iter_plans(seed: int, num_workers: int, num_blocks: int, min_blocks: int, start: int = 0,
+               sizes: Sequence[int] | None = None) -> Iterator[Plan]:
     """Plans of rounds ``start, start + 1, ...``; rounds chain through the keep-blocks assignment.
 
-    The engine walks this once; resuming at round t replays the cheap chain from round 0.
+    ``sizes`` (elements per block) balances blocks of unequal size (several sections).  The
+    engine walks this once; resuming at round t replays the cheap chain from round 0.
     """
     k = blocks_per_worker(num_workers, num_blocks, min_blocks)
     if start < 0:
         raise ValueError(f"start must be >= 0, but got {start}")
+    sizes = _check_sizes(sizes, num_blocks)
     prev: tuple[tuple[int, ...], ...] | None = None
     for t in itertools.count():
-        groups = _deal(np.random.default_rng([seed, t]), num_workers, num_blocks, k)
-        prev = tuple(tuple(g) for g in groups) if prev is None else _assign(groups, prev)
+        rng = np.random.default_rng([seed, t])
+        groups = _deal(rng, num_workers, num_blocks, k) if sizes is None else _deal_balanced(rng, num_workers, sizes, k)
+        prev = tuple(tuple(g) for g in groups) if prev is None else _assign(groups, prev, sizes)
         if t >= start:
             yield Plan(round=t, groups=prev)
 
 
-def make_plan(seed: int, round: int, num_workers: int, num_blocks: int, min_blocks: int) -> Plan:
+def make_plan(seed: int, round: int, num_workers: int, num_blocks: int, min_blocks: int,
+              sizes: Sequence[int] | None = None) -> Plan:
     """The plan of round ``round`` (0-based)."""
     if round < 0:
         raise ValueError(f"round must be >= 0, but got {round}")
-    return next(iter_plans(seed, num_workers, num_blocks, min_blocks, start=round))
+    return next(iter_plans(seed, num_workers, num_blocks, min_blocks, start=round, sizes=sizes))
 
 
 def reducer_of(block: int, old: Plan, new: Plan) -> int:
@@ -143,12 +208,17 @@ def p2p_sends(old: Plan, new: Plan) -> list[int]:
     A block's other holders send it to its reducer; the reducer sends the average to every
     next holder but itself.
     """
+    return p2p_bytes(old, new, [1] * old.num_blocks)
+
+
+def p2p_bytes(old: Plan, new: Plan, sizes: Sequence[int]) -> list[int]:
+    """What each rank sends point-to-point at the sync from ``old`` to ``new``, block ``b``
+    costing ``sizes[b]`` per message (the same routing as :func:`p2p_sends`)."""
     sends = [0] * old.num_workers
-    num_blocks = 1 + max(max(g) for g in old.groups)
-    for b in range(num_blocks):
+    for b in range(old.num_blocks):
         r = reducer_of(b, old, new)
         for h in old.holders(b):
             if h != r:
-                sends[h] += 1
-        sends[r] += sum(1 for h in new.holders(b) if h != r)
+                sends[h] += sizes[b]
+        sends[r] += sizes[b] * sum(1 for h in new.holders(b) if h != r)
     return sends

@@ -23,17 +23,13 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .plan import Plan, reducer_of
 from .sparse import SparseAverager
+from .subnet import block_tensors
 from .transport import Codec, compressed_average
 
 __all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
 
 ALLREDUCE_LOG = "resist_all_reduce"
 P2P_LOG = "resist_p2p"
-
-
-def block_tensors(module: nn.Module) -> list[Tensor]:
-    """What travels with a block: its parameters and floating-point buffers (BN statistics)."""
-    return [p.data for p in module.parameters()] + [b for b in module.buffers() if b.is_floating_point()]
 
 
 def _flat_buffer(tensors: Sequence[Tensor]) -> Tensor:
@@ -97,42 +93,72 @@ def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, in
     return sum(t.numel() * t.element_size() for t, _, _ in sends)
 
 
+def _layout(slot_blocks: Sequence[int | None], slot_section: Sequence[int], section_of: Sequence[int],
+            new_group: Sequence[int]) -> list[int | None]:
+    """Which block each slot holds after the sync: kept blocks stay in their slot, an arriving
+    block takes the first slot of its section that is empty or whose block leaves."""
+    out: list[int | None] = [b if b in new_group else None for b in slot_blocks]
+    for b in new_group:
+        if b in slot_blocks:
+            continue
+        i = next((i for i, x in enumerate(out) if x is None and slot_section[i] == section_of[b]), None)
+        if i is None:
+            raise ValueError(f"no free slot of section {section_of[b]} for block {b}: the slots hold {list(slot_blocks)}")
+        out[i] = b
+    return out
+
+
 @torch.no_grad()
-def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Plan, new: Plan, rank: int,
+def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], old: Plan, new: Plan, rank: int,
                  tensors: Callable[[nn.Module], list[Tensor]] = block_tensors, codec: Codec | None = None,
-                 generator: torch.Generator | None = None) -> tuple[list[int], int]:
+                 generator: torch.Generator | None = None, *, slot_section: Sequence[int] | None = None,
+                 section_of: Sequence[int] | None = None, prepare: Callable[[int], None] | None = None,
+                 release: Callable[[int], None] | None = None) -> tuple[list[int | None], int]:
     """Average every partitioned block over its holders in ``old`` and deliver it to ``new``.
 
-    ``slots[i]`` holds block ``slot_blocks[i]`` (this rank's group in ``old``).  On return the
-    slots hold this rank's group in ``new``; a block this rank keeps stays in its slot.
-    ``tensors(block)`` is what travels with a block (default :func:`block_tensors`; the same
-    sizes on every rank).  With a lossy ``codec`` every message is quantised, and a reducer that
-    keeps the block it sent keeps the decoded copy, so all holders stay identical.
+    ``slots[i]`` holds block ``slot_blocks[i]`` (this rank's group in ``old``; ``None``: an
+    empty slot).  With several sections, ``slot_section[i]`` and ``section_of[b]`` say which
+    section a slot and a block belong to (a block only ever goes into a slot of its section);
+    ``prepare(i)`` gives an empty slot storage before a block arrives in it, ``release(i)``
+    drops the storage of a slot left empty.  On return the slots hold this rank's group in
+    ``new``; a block this rank keeps stays in its slot.  ``tensors(block)`` is what travels
+    with a block (default :func:`block_tensors`; the same sizes on every rank for a block).
+    With a lossy ``codec`` every message is quantised, and a reducer that keeps the block it
+    sent keeps the decoded copy, so all holders stay identical.
     Returns ``(new slot_blocks, bytes sent by this rank)``.
     """
     codec = codec or Codec()
     lossless = codec.lossless
     enc = lambda flat: flat if lossless else codec.encode(flat, generator)  # noqa: E731
     dec = lambda buf, n: buf if lossless else codec.decode(buf, n)  # noqa: E731
-    block_numel = sum(t.numel() for t in tensors(next(iter(slots))))  # every block's message has this size
-    recv_buf = lambda: _flat_buffer(tensors(next(iter(slots)))) if lossless else torch.empty(  # noqa: E731
-        codec.encoded_size(block_numel), dtype=torch.uint8)
-    num_blocks = 1 + max(max(g) for g in old.groups)
-    mine_old = {b: slots[i] for i, b in enumerate(slot_blocks)}
+    slot_section = [0] * len(slots) if slot_section is None else slot_section
+    section_of = [0] * old.num_blocks if section_of is None else section_of
     new_group = new.groups[rank]
+    new_slot_blocks = _layout(slot_blocks, slot_section, section_of, new_group)
+    for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
+        if a is None and b is not None and prepare is not None:
+            prepare(i)  # storage for the block about to arrive (nothing of value is in this slot)
+
+    def recv_buf(like: nn.Module) -> Tensor:
+        if lossless:
+            return _flat_buffer(tensors(like))
+        return torch.empty(codec.encoded_size(sum(t.numel() for t in tensors(like))), dtype=torch.uint8)
+
+    mine_old = {b: slots[i] for i, b in enumerate(slot_blocks) if b is not None}
     sent = 0
 
     # Phase 1: every holder but the reducer sends its copy to the reducer, which averages.
     sends, recvs, partial = [], [], {}
-    for b in range(num_blocks):
+    for b in range(old.num_blocks):
         holders = old.holders(b)
         if len(holders) < 2:
             continue
         r = reducer_of(b, old, new)
         if rank == r:
             own = _flatten_dense_tensors(tensors(mine_old[b]))
-            bufs = [recv_buf() for h in holders if h != r]
-            recvs += [(buf, h, b) for buf, h in zip(bufs, [h for h in holders if h != r])]
+            others = [h for h in holders if h != r]
+            bufs = [recv_buf(mine_old[b]) for _ in others]
+            recvs += [(buf, h, b) for buf, h in zip(bufs, others)]
             partial[b] = (own, bufs, len(holders))
         elif rank in holders:
             sends.append((enc(_flatten_dense_tensors(tensors(mine_old[b]))), r, b))
@@ -145,7 +171,7 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
 
     # Phase 2: the reducer sends the average to each next holder.
     sends, recvs, incoming = [], [], {}
-    for b in range(num_blocks):
+    for b in range(old.num_blocks):
         r = reducer_of(b, old, new)
         targets = [h for h in new.holders(b) if h != r]
         if rank == r and targets:
@@ -155,41 +181,40 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], old: Pl
             message = enc(flat)
             if not lossless:  # what the targets will hold; the reducer keeps the same if it stays a holder
                 averaged[b] = codec.decode(message, flat.numel())
-            sends += [(message, h, num_blocks + b) for h in targets]
+            sends += [(message, h, old.num_blocks + b) for h in targets]
         elif rank in targets:
-            buf = recv_buf()
-            recvs.append((buf, r, num_blocks + b))
-            incoming[b] = buf
+            dst = slots[new_slot_blocks.index(b)]  # sized like the block (its section's slot)
+            buf = recv_buf(dst)
+            recvs.append((buf, r, old.num_blocks + b))
+            incoming[b] = (buf, sum(t.numel() for t in tensors(dst)))
     sent += _exchange(sends, recvs)
-    incoming = {b: dec(buf, block_numel) for b, buf in incoming.items()}
+    incoming = {b: dec(buf, numel) for b, (buf, numel) in incoming.items()}
 
-    # Write the new group into the slots: kept blocks stay, others fill the freed slots.
-    new_slot_blocks = list(slot_blocks)
-    free = [i for i, b in enumerate(slot_blocks) if b not in new_group]
-    for b in new_group:
-        if b in mine_old:
-            i = slot_blocks.index(b)
-        else:
-            i = free.pop(0)
-            new_slot_blocks[i] = b
+    # Write the new group into the slots; release the slots left empty.
+    for i, b in enumerate(new_slot_blocks):
+        if b is None:
+            continue
         value = incoming.get(b, averaged.get(b))
         if value is None:
             continue  # held alone before and now: already in place
         dst = tensors(slots[i])
         for t, v in zip(dst, _unflatten_dense_tensors(value, dst)):
             t.copy_(v)
+    for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
+        if a is not None and b is None and release is not None:
+            release(i)
     return new_slot_blocks, sent
 
 
 @torch.no_grad()
-def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int], plan: Plan, rank: int, dst: int, out: Sequence[nn.Module]) -> int:
+def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], plan: Plan, rank: int, dst: int,
+                  out: Sequence[nn.Module]) -> int:
     """Copy every partitioned block into ``out[b]`` on rank ``dst`` from one holder each.
 
     Collective: every rank calls it.  ``out`` is only touched on ``dst``.
     """
-    num_blocks = 1 + max(max(g) for g in plan.groups)
     sends, recvs, incoming = [], [], {}
-    for b in range(num_blocks):
+    for b in range(plan.num_blocks):
         src = dst if dst in plan.holders(b) else plan.holders(b)[0]
         if rank == src:
             flat = _flatten_dense_tensors(block_tensors(slots[list(slot_blocks).index(b)]))
