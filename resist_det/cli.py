@@ -128,7 +128,8 @@ def export(
 def plan(
     workers: Annotated[int, typer.Option("--workers", "-S", min=1, help="Number of sub-ResNets (ranks).")] = 4,
     model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth>, yolo-resnet<depth>, vit-tiny or a torchvision model name.")] = "cifar-resnet101",
-    min_blocks: Annotated[int, typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet.")] = 5,
+    min_blocks: Annotated[Optional[int], typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet (resist.min_blocks; default: a fifth of the partitionable blocks).")] = None,
+    sections: Annotated[Optional[str], typer.Option(help="Partitioned sections, comma-separated (resist.sections, e.g. layer3,layer4); default: the model's.")] = None,
     seed: Annotated[int, typer.Option(help="Plan seed.")] = 0,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds to show.")] = 3,
     rate: Annotated[Optional[str], typer.Option(help="Link rate per machine (tc units, e.g. 100mbit): predict seconds on the wire per round.")] = None,
@@ -158,17 +159,18 @@ def plan(
             raise ValueError(f"--topk: expected a fraction in (0, 1], got {topk}")
         from .resist.transport import Codec
 
+        chosen = [x.strip() for x in sections.split(",") if x.strip()] if sections is not None else None
         rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed,
-                          rounds=max(rounds, 2), codec=Codec(bits), topk=topk)
+                          rounds=max(rounds, 2), codec=Codec(bits), topk=topk, sections=chosen)
     except (ValueError, KeyError, TypeError) as e:
-        raise _fail(str(e)) from None
+        raise _fail(str(e).replace("resist.min_blocks", "--min-blocks").replace("resist.sections", "--sections")) from None
     console = Console(width=max(100, Console().width))
-    console.print(
-        f"{rep['model']}: {rep['num_blocks']} partitionable blocks of {rep['block_params']:,} parameters; "
-        f"shared {rep['shared_params']:,} of {rep['total_params']:,} parameters"
-    )
-    console.print(f"each sub-ResNet: {rep['blocks_per_worker']} partitioned blocks, depth {rep['depth']} of {rep['full_depth']} blocks; "
-                  f"residual scale of the global network {rep['scale']:.4f}")
+    _print_sections(console, rep)
+    console.print(f"each sub-ResNet: {rep['blocks_per_worker']} partitioned blocks (min_blocks {rep['min_blocks']}), "
+                  f"depth {rep['depth']} of {rep['full_depth']} blocks; residual scale of the global network {rep['scale']:.4f}")
+    first = rep["rounds"][0]["rank_params"]
+    console.print(f"parameters per rank in round 0: mean {sum(first) / len(first):,.0f}, max {max(first):,} "
+                  f"({max(first) / rep['total_params']:.3f} of the whole network)")
     if rep["degenerate"]:
         console.print(f"[bold yellow]warning:[/] {rep['degenerate']}")
     for r in rep["rounds"][:rounds]:
@@ -194,6 +196,22 @@ def plan(
         table.add_row("local_sgd", f"{rep['local_sgd_rank_bytes'] / 2**20:.2f} MiB", f"{t['local_sgd_round']:.2f}")
         table.add_row("ddp", f"{local_steps * rep['ddp_rank_bytes_per_step'] / 2**20:.2f} MiB", f"{local_steps * t['ddp_step']:.2f}")
         console.print(table)
+
+
+def _print_sections(console: Any, rep: dict[str, Any]) -> None:
+    """The partitioned sections of a plan report: blocks, parameters, the share partitioned."""
+    from rich.table import Table
+
+    console.print(f"{rep['model']}: {rep['num_blocks']} partitionable blocks of {rep['partitioned_params']:,} parameters; "
+                  f"shared {rep['shared_params']:,} of {rep['total_params']:,} parameters "
+                  f"({rep['partitioned_params'] / rep['total_params']:.1%} partitioned)")
+    table = Table(title="partitioned sections")
+    for col in ("section", "partitionable blocks", "parameters", "share of all"):
+        table.add_column(col, justify="left" if col in ("section", "partitionable blocks") else "right")
+    for sec in rep["sections"]:
+        table.add_row(sec["name"], " ".join(b.rpartition(".")[2] for b in sec["blocks"]), f"{sec['params']:,}",
+                      f"{sec['params'] / rep['total_params']:.1%}")
+    console.print(table)
 
 
 @data_app.command("shapes")

@@ -212,7 +212,7 @@ def test_plan_predicts_wire_seconds_by_hand():
     assert t["local_sgd_round"] == pytest.approx(ring * sizes["total"] * 8 / 1e8)
     assert t["ddp_step"] == pytest.approx(ring * sizes["total_params"] * 8 / 1e8)
     plans = [p for _, p in zip(range(3), iter_plans(0, S, sizes["num_blocks"], 5))]
-    busiest = [max(ring * sizes["shared"] + n * sizes["block"] * 4 for n in p2p_sends(a, b)) for a, b in zip(plans, plans[1:])]
+    busiest = [max(ring * sizes["shared"] + n * sizes["block"][0] * 4 for n in p2p_sends(a, b)) for a, b in zip(plans, plans[1:])]
     assert t["resist_round"] == pytest.approx(sum(busiest) / len(busiest) * 8 / 1e8)
     res = CliRunner().invoke(app, ["plan", "-S", "4", "--model", "preact-resnet101", "--rate", "100mbit", "--local-steps", "10", "--rounds", "1"])
     assert res.exit_code == 0 and f"{t['local_sgd_round']:.2f}" in res.output and f"{10 * t['ddp_step']:.2f}" in res.output

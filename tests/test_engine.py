@@ -47,7 +47,7 @@ def _s1_vs_plain(rank, world, kind):
     return engine.round, net.state_dict(), ref.state_dict()
 
 
-@pytest.mark.parametrize("kind", ["preact", "stock"])
+@pytest.mark.parametrize("kind", ["preact", "stock", "sections"])
 def test_single_worker_equals_plain_training(tmp_path, kind):
     [(rounds, got, want)] = run_on_ranks(_s1_vs_plain, 1, tmp_path, kind)
     assert rounds == 3  # syncs after steps 3 and 6, and the explicit one
@@ -227,6 +227,63 @@ def test_global_model(tmp_path):
     torch.testing.assert_close(g["plain_out"], g["hooked_out"], rtol=1e-5, atol=1e-6)
 
 
+# ---- a degenerate plan is local SGD ----------------------------------------------------------
+def _degenerate_vs_local_sgd(rank, world):
+    import warnings
+
+    import resist_det
+
+    out = {}
+    for mode, min_blocks in (("resist", 6), ("local_sgd", None)):  # 6 of 6 blocks: every rank holds every block
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine, *_ = resist_det.initialize(model=_net(seed=5), config=_cfg(mode=mode, local_steps=2, min_blocks=min_blocks))
+        _train(engine, 5, torch.Generator().manual_seed(rank))
+        engine.synchronize()
+        out[mode] = dict(bytes=engine.bytes_sent, rounds=engine.round, state=engine.module.state_dict(),
+                         warned=[str(w.message) for w in caught if "degenerates" in str(w.message)])
+    return out
+
+
+def test_degenerate_plan_syncs_exactly_as_local_sgd(tmp_path):
+    res = run_on_ranks(_degenerate_vs_local_sgd, 2, tmp_path)
+    for rank, r in enumerate(res):
+        resist, local = r["resist"], r["local_sgd"]
+        assert resist["rounds"] == local["rounds"] == 3
+        assert resist["bytes"] == local["bytes"] > 0  # one all-reduce of everything, no routing
+        assert resist["state"].keys() == local["state"].keys()  # the user's module, unchanged
+        assert all(torch.equal(resist["state"][k], local["state"][k]) for k in local["state"])
+        assert bool(resist["warned"]) == (rank == 0) and "this is local SGD" in "".join(resist["warned"] or ["this is local SGD"])
+
+
+# ---- several sections: the global network -----------------------------------------------------
+def _global_sections(rank, world):
+    import resist_det
+
+    engine, *_ = resist_det.initialize(model=_build("sections", 6), config=_cfg(local_steps=2, min_blocks=2, seed=3))
+    _train(engine, 4, torch.Generator().manual_seed(rank))
+    s = engine.strategy
+    mine = {engine.block_names[b]: m.state_dict() for b, m in zip(s.slot_blocks, s.slots) if b is not None}
+    net = engine.global_model(fold=False)
+    return mine, (None if net is None else net.state_dict()), engine.residual_scale()
+
+
+def test_global_model_with_several_sections(tmp_path):
+    res = run_on_ranks(_global_sections, 2, tmp_path)
+    state = res[0][1]
+    fresh = _build("sections", 0)
+    fresh.load_state_dict(state)  # the user's class and keys: every section whole again
+    held = set()
+    for mine, _, scale in res:
+        assert scale == 4 / 7  # k / n: 4 of the 7 blocks per sub-ResNet
+        for name, block_state in mine.items():
+            held.add(name)
+            for k, v in block_state.items():
+                if v.is_floating_point():
+                    assert torch.equal(state[f"{name}.{k}"], v), (name, k)
+    assert held == set(SECTIONS_BLOCKS)
+
+
 # ---- bad input, before any training ---------------------------------------------------------
 def _expect_error(rank, world, cfg_by_rank, layers):
     import resist_det
@@ -243,6 +300,9 @@ def _expect_error(rank, world, cfg_by_rank, layers):
     [
         ([_cfg(min_blocks=7)], LAYERS, 2, "min_blocks must be between 1 and the number of partitionable blocks \\(6\\)"),
         ([_cfg(local_steps=0)], LAYERS, 1, "resist.local_steps: Input should be greater than or equal to 1"),
+        ([_cfg(sections=["layer9"])], LAYERS, 1, "resist.sections: 'layer9' names no module"),
+        ([_cfg(sections=["layer2", "layer3"])], LAYERS, 1, "resist.sections: 'layer2' has no partitionable block"),
+        ([_cfg(sections=["layer3"], block_pattern="layer3.1")], LAYERS, 1, "give one of them"),
         ([_cfg(local_stepz=3)], LAYERS, 1, "resist.local_stepz: unknown key"),
         ([_cfg(mode="fast")], LAYERS, 1, "resist.mode"),
         ([_cfg(local_steps=5), _cfg(local_steps=6)], LAYERS, 2, "different 'resist' config sections"),

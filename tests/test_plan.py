@@ -76,3 +76,59 @@ def test_degenerate_plan_is_named():
 
     assert "this is local SGD" in degenerate_plan(2, 5, 5)  # torchvision resnet50 with the default min_blocks
     assert degenerate_plan(2, 5, 2) is None and degenerate_plan(1, 5, 5) is None  # S = 1 is plain training
+
+
+@settings(max_examples=150, deadline=None)
+@given(plan_args(), st.integers(0, 3), st.lists(st.sampled_from([1, 4, 16, 64]), min_size=40, max_size=40))
+def test_plan_over_blocks_of_several_sizes(args, rnd, pool):
+    """Several sections: blocks of unequal size are dealt in equal numbers, each held, balanced in size."""
+    seed, s, n, m = args
+    sizes = pool[:n]
+    plan = make_plan(seed, rnd, s, n, m, sizes)
+    k = max(-(-n // s), m)
+    assert all(len(g) == k and len(set(g)) == k for g in plan.groups)
+    assert set(itertools.chain.from_iterable(plan.groups)) == set(range(n))
+    assert plan == make_plan(seed, rnd, s, n, m, sizes)
+    if s * k == n:  # one lap: every block exactly once, and no worker above the mean by more than one block
+        loads = [sum(sizes[b] for b in g) for g in plan.groups]
+        assert max(loads) <= sum(sizes) / s + max(sizes)
+
+
+def test_blocks_of_one_size_keep_the_papers_plan():
+    assert [make_plan(3, t, 4, 22, 5, [7] * 22) for t in range(3)] == [make_plan(3, t, 4, 22, 5) for t in range(3)]
+
+
+def test_stock_backbones_partition_every_section():
+    from resist_det.models.zoo import build_named_model
+    from resist_det.resist.accounting import plan_report
+
+    r50 = plan_report(build_named_model("resnet50", 10), 4, rounds=2)
+    assert [s["name"] for s in r50["sections"]] == ["layer1", "layer2", "layer3", "layer4"]
+    assert r50["rounds"][1]["bytes"] / r50["local_sgd_bytes"] <= 0.55
+    assert max(r50["rounds"][0]["rank_params"]) / r50["total_params"] <= 0.6
+    for workers in (2, 4):
+        r18 = plan_report(build_named_model("resnet18", 10), workers, rounds=2)
+        assert not r18["degenerate"] and r18["blocks_per_worker"] < r18["num_blocks"] == 4
+    # Section 3 alone with the paper's minimum depth degenerates on resnet50: reported as local SGD's bytes.
+    only3 = plan_report(build_named_model("resnet50", 10), 4, rounds=2, sections=["layer3"], min_blocks=5)
+    assert only3["degenerate"] and only3["rounds"][1]["bytes"] == only3["local_sgd_bytes"]
+
+
+def test_plan_of_a_torchvision_detector_opens_no_socket(monkeypatch):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from resist_det.cli import app
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("resist-det plan opened a socket")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    res = CliRunner().invoke(app, ["plan", "-S", "4", "--model", "fasterrcnn_resnet50_fpn", "--rounds", "1"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "12 partitionable blocks" in out and "backbone.body.layer4" in out and "partitioned)" in out
+    bad = CliRunner().invoke(app, ["plan", "--model", "resnet50", "--min-blocks", "99"])
+    assert bad.exit_code == 1 and "--min-blocks" in bad.output

@@ -292,10 +292,10 @@ def test_cli_version_and_plan():
     assert runner.invoke(app, ["--version"]).output.strip() == "resist-det 0.1.0"
     result = runner.invoke(app, ["plan", "-S", "4", "--rounds", "2"])
     assert result.exit_code == 0, result.output
-    assert "22 partitionable blocks" in result.output and "6 partitioned blocks, depth 17 of 33" in result.output
+    assert "22 partitionable blocks" in result.output and "6 partitioned blocks (min_blocks 5), depth 17 of 33" in " ".join(result.output.split())
     bad = runner.invoke(app, ["plan", "--model", "nosuchnet"])
     assert bad.exit_code == 1 and "--model must be" in bad.output
-    local = runner.invoke(app, ["plan", "-S", "2", "--model", "resnet50", "--rounds", "1"])
+    local = runner.invoke(app, ["plan", "-S", "2", "--model", "resnet50", "--sections", "layer3", "--min-blocks", "5", "--rounds", "1"])
     assert local.exit_code == 0 and "this is local SGD" in " ".join(local.output.split())
     plain = runner.invoke(app, ["plan", "--model", "vgg11"])  # a torchvision model without residual blocks
     assert plain.exit_code == 1 and "no partitionable blocks" in plain.output

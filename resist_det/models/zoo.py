@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -43,6 +44,10 @@ def build_named_model(name: str, num_classes: int = 100) -> nn.Module:
             return VisionTransformer(image_size=32, patch_size=4, num_layers=8, num_heads=4, hidden_dim=128,
                                      mlp_dim=256, num_classes=num_classes)
         try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            builder = torchvision.models.get_model_builder(name)
         except ValueError:
             raise ValueError(f"--model must be {MODEL_NAMES_HELP}; got {name!r}") from None
+        kwargs: dict = {"weights": None, "num_classes": num_classes}
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            kwargs["weights_backbone"] = None  # a detector's backbone would otherwise fetch ImageNet weights
+        return builder(**kwargs)

@@ -14,8 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from .partition import partitionable_blocks
-from .plan import blocks_per_worker, degenerate_plan, inclusion_probability, iter_plans, p2p_sends
+from .partition import partitionable_blocks, section_of
+from .plan import (Plan, blocks_per_worker, check_plan_args, degenerate_plan, inclusion_probability, iter_plans, p2p_bytes,
+                   resolve_min_blocks)
 from .sparse import sparse_message_size
 from .transport import Codec
 
@@ -26,72 +27,96 @@ def _tensor_elems(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers() if b.is_floating_point())
 
 
-def split_sizes(model: nn.Module, pattern: str | None = None) -> dict[str, int]:
-    """Elements (parameters + float buffers) of one partitioned block, the shared part, the whole."""
-    names = partitionable_blocks(model, pattern)
+def split_sizes(model: nn.Module, pattern: str | None = None, sections: list[str] | None = None) -> dict[str, Any]:
+    """Sizes of the partitioned blocks, the shared part and the whole: elements (parameters +
+    float buffers: what a sync sends) and parameters, per block and per section."""
+    names = partitionable_blocks(model, pattern, sections)
     modules = dict(model.named_modules())
-    block = _tensor_elems(modules[names[0]]) if names else 0
+    block = [_tensor_elems(modules[n]) for n in names]
+    block_params = [sum(p.numel() for p in modules[n].parameters()) for n in names]
     total = _tensor_elems(model)
-    return {"num_blocks": len(names), "block": block, "shared": total - len(names) * block, "total": total,
-            "block_params": sum(p.numel() for p in modules[names[0]].parameters()) if names else 0,
-            "total_params": sum(p.numel() for p in model.parameters())}
+    section_names, sec_of = section_of(names)
+    return {"names": names, "num_blocks": len(names), "block": block, "block_params": block_params,
+            "shared": total - sum(block), "total": total, "total_params": sum(p.numel() for p in model.parameters()),
+            "sections": [{"name": sn, "blocks": [names[b] for b in range(len(names)) if sec_of[b] == s],
+                          "params": sum(block_params[b] for b in range(len(names)) if sec_of[b] == s)}
+                         for s, sn in enumerate(section_names)]}
 
 
-def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blocks: int = 5, seed: int = 0,
+def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blocks: int | None = None, seed: int = 0,
                 rounds: int = 3, bytes_per_elem: int = 4, codec: Codec | None = None,
-                topk: float | None = None) -> dict[str, Any]:
+                topk: float | None = None, sections: list[str] | None = None, block_pattern: str | None = None) -> dict[str, Any]:
     """Plans of the first ``rounds`` rounds with predicted bytes per sync (summed over ranks).
 
-    ``model`` may live on the meta device: only shapes are read.  With a lossy ``codec``
+    ``model`` may live on the meta device: only shapes are read.  ``min_blocks`` is checked
+    as training checks it (``None``: the default).  With a lossy ``codec``
     (``resist.compression``) the ResIST and local-SGD figures are for quantised messages
     (shared average in one bucket, as :func:`resist_det.resist.transport.compressed_average`
     sends it); DDP's stay fp32.  With ``topk`` (``resist.compression.topk``) averaged tensors
     travel as top-k deltas (:mod:`resist_det.resist.sparse`, after the first, dense, sync) and
-    ResIST's routed blocks stay dense.
+    ResIST's routed blocks stay dense.  A degenerate plan (every sub-ResNet holds every block)
+    syncs as local SGD does, and is reported with local SGD's bytes.
     """
-    sizes = split_sizes(model)
+    sizes = split_sizes(model, block_pattern, sections)
     n = sizes["num_blocks"]
-    k = blocks_per_worker(workers, n, min(min_blocks, n))
+    if n == 0:
+        raise ValueError(f"{model_name or type(model).__name__} has no partitionable blocks; ResIST would be local SGD")
+    min_blocks = resolve_min_blocks(min_blocks, n)
+    check_plan_args(workers, n, min_blocks)
+    degenerate = degenerate_plan(workers, n, min_blocks)
+    k = n if degenerate else blocks_per_worker(workers, n, min_blocks)
     s = workers
     fp32_rank = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
     if codec is None or codec.lossless:
-        per_rank, block_bytes = fp32_rank, sizes["block"] * bytes_per_elem
+        per_rank, block_bytes = fp32_rank, [b * bytes_per_elem for b in sizes["block"]]
     else:  # reduce-scatter + all-gather of quantised shards; blocks as one quantised message each
         per_rank = lambda elems: 2 * (s - 1) * codec.encoded_size(-(-elems // s))  # noqa: E731
-        block_bytes = codec.encoded_size(sizes["block"])
-    shared_params = sizes["total_params"] - n * sizes["block_params"]
+        block_bytes = [codec.encoded_size(b) for b in sizes["block"]]
+    shared_params = sizes["total_params"] - sum(sizes["block_params"])
     params_of = {sizes["shared"]: shared_params, sizes["total"]: sizes["total_params"]}
     if topk is not None:  # weights as top-k deltas, float buffers (BN statistics) dense
         dense_rank, value_codec = per_rank, codec or Codec()
         sparse_rank = lambda elems: 2 * (s - 1) * sparse_message_size(math.ceil(topk * -(-elems // s)), value_codec)  # noqa: E731
         per_rank = lambda elems: sparse_rank(params_of[elems]) + dense_rank(elems - params_of[elems])  # noqa: E731
     allreduce = lambda elems: per_rank(elems) * s  # noqa: E731  (summed over ranks)
-    plans = list(itertools.islice(iter_plans(seed, s, n, min(min_blocks, n)), rounds + 1))
+    if degenerate:
+        plans = [Plan(round=t, groups=(tuple(range(n)),) * s) for t in range(rounds + 1)]
+    else:
+        plans = list(itertools.islice(iter_plans(seed, s, n, min_blocks, sizes=sizes["block"]), rounds + 1))
     out_rounds = []
     for t, p in enumerate(plans[:rounds]):
-        sends = p2p_sends(plans[t - 1], p) if t > 0 else None
+        if t == 0:
+            rank_bytes = None
+        elif degenerate:
+            rank_bytes = [per_rank(sizes["total"])] * s
+        else:
+            rank_bytes = [per_rank(sizes["shared"]) + b for b in p2p_bytes(plans[t - 1], p, block_bytes)]
         out_rounds.append({
             "round": t,
             "groups": p.groups,
-            "bytes": None if sends is None else allreduce(sizes["shared"]) + sum(sends) * block_bytes,
-            "rank_bytes": None if sends is None else [per_rank(sizes["shared"]) + n * block_bytes for n in sends],
+            "bytes": None if rank_bytes is None else sum(rank_bytes),
+            "rank_bytes": rank_bytes,
+            "rank_params": [shared_params + sum(sizes["block_params"][b] for b in g) for g in p.groups],
         })
     full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)(layer\d+|encoder\.layers)$", name)) or None
     return {
         "model": model_name or type(model).__name__,
         "num_blocks": n,
+        "min_blocks": min_blocks,
+        "sections": sizes["sections"],
         "block_params": sizes["block_params"],
+        "partitioned_params": sum(sizes["block_params"]),
         "total_params": sizes["total_params"],
         "shared_params": shared_params,
         "blocks_per_worker": k,
         "depth": (full_depth - n + k) if full_depth else None,
         "full_depth": full_depth,
-        "scale": inclusion_probability(s, n, min(min_blocks, n)),
+        "scale": 1.0 if degenerate else inclusion_probability(s, n, min_blocks),
         "local_sgd_bytes": allreduce(sizes["total"]),
         "local_sgd_rank_bytes": per_rank(sizes["total"]),
         "ddp_rank_bytes_per_step": fp32_rank(sizes["total_params"]),  # DeepSpeed all-reduces gradients every step
         "fp32_local_sgd_bytes": fp32_rank(sizes["total"]) * s,
-        "degenerate": degenerate_plan(s, n, min(min_blocks, n)),
+        "degenerate": degenerate,
         "rounds": out_rounds,
     }
 

@@ -74,9 +74,11 @@ def find_sections(model: nn.Module, sections: Sequence[str] | None = None) -> li
             found.append((name, module))
         order = {n: i for i, (n, _) in enumerate(modules)}
         return sorted(dict(found).items(), key=lambda nm: order[nm[0]])
-    resnet = [(n, m) for n, m in modules if _RESNET_SECTION.search(n) and isinstance(m, nn.Sequential)]
-    resnet = [(n, m) for n, m in resnet if any(adapter_for(b) is not None for b in m.children())]
+    resnet = [(n, m) for n, m in modules if _RESNET_SECTION.search(n)]
     if resnet:
+        for name, section in resnet:  # a section of unknown blocks is an error, not skipped in silence
+            _check_section(name, section, key)
+            _section_blocks(name, section)
         # Frozen sections (a pretrained detector's layer1) never change: partitioning them would
         # only move bytes.
         return [(n, m) for n, m in resnet if any(_partitionable(b) and _trainable(b) for b in m.children())] or resnet[:0]

@@ -73,7 +73,7 @@ def check_plan_args(num_workers: int, num_blocks: int, min_blocks: int) -> None:
         )
     if not 1 <= min_blocks <= num_blocks:
         raise ValueError(
-            f"min_blocks must be between 1 and the number of partitionable blocks ({num_blocks}), but got {min_blocks}"
+            f"resist.min_blocks must be between 1 and the number of partitionable blocks ({num_blocks}), but got {min_blocks}"
         )
 
 
