@@ -284,6 +284,36 @@ def test_global_model_with_several_sections(tmp_path):
     assert held == set(SECTIONS_BLOCKS)
 
 
+def _adam_sections(rank, world):
+    import resist_det
+
+    cfg = {**_cfg(local_steps=1, min_blocks=2, seed=3), "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}
+    engine, optimizer, *_ = resist_det.initialize(model=_build("sections", 6), config=cfg)
+    gen = torch.Generator().manual_seed(rank)
+    moved = 0
+    for _ in range(6):  # six rounds: Adam's moments are averaged and routed with their blocks
+        before = list(engine.strategy.slot_blocks)
+        _train(engine, 1, gen)
+        moved += sum(a != b for a, b in zip(before, engine.strategy.slot_blocks))
+    s = engine.strategy
+    moments = {b: torch.cat([optimizer.state[p]["exp_avg"].flatten() for p in m.parameters()])
+               for b, m in zip(s.slot_blocks, s.slots) if b is not None}
+    empty_state = [p for b, m in zip(s.slot_blocks, s.slots) if b is None for p in m.parameters() if p in optimizer.state]
+    return moved, moments, shared_snapshot(engine), empty_state
+
+
+def test_adam_moments_travel_with_blocks_of_several_sections(tmp_path):
+    res = run_on_ranks(_adam_sections, 2, tmp_path)
+    assert sum(r[0] for r in res) > 0  # blocks changed slots (and empty slots filled) along the way
+    for name, v in res[0][2].items():
+        assert torch.equal(res[1][2][name], v), name
+    common = set(res[0][1]) & set(res[1][1])
+    assert common  # 2 x 4 slots over 7 blocks: one block is shared
+    for b in common:  # a shared block's moments: the same average on both holders
+        assert torch.equal(res[0][1][b], res[1][1][b]), b
+    assert res[0][3] == [] and res[1][3] == []  # empty slots keep no optimizer state
+
+
 # ---- bad input, before any training ---------------------------------------------------------
 def _expect_error(rank, world, cfg_by_rank, layers):
     import resist_det

@@ -216,11 +216,20 @@ STEPS = 9
 SAVE_AT = {"warmup": 1, "resist": 6}  # after this many steps: mid-round in the warm-up / after the switch (step 3)
 
 
-def _resume(rank, world, ckpt):
+def _sections_net(device=None):
+    """A stock torchvision ResNet partitioned in every section (7 blocks of 4 sizes)."""
+    from helpers import stock_net
+
+    with torch.device(device or "cpu"):
+        return stock_net(seed=SEED, layers=(2, 3, 4, 2))
+
+
+def _resume(rank, world, ckpt, kind="preact"):
     from resist_det import initialize
 
     def build():
-        return initialize(model=_net(device="meta"), config=_cfg(**WARMUP_CFG))[0]
+        net = _net(device="meta") if kind == "preact" else _sections_net(device="meta")
+        return initialize(model=net, config=_cfg(**WARMUP_CFG))[0]
 
     engine = build()
     for step in range(STEPS):
@@ -231,6 +240,7 @@ def _resume(rank, world, ckpt):
                 assert engine.in_warmup == (phase == "warmup")
     want = _floats(engine.module.state_dict())
     want_state = engine.state_dict()
+    want_params = sum(p.numel() for p in engine.module.parameters())
     try:
         engine.load_checkpoint(ckpt, tag="warmup")  # refused: this engine has switched
         refused = None
@@ -243,14 +253,29 @@ def _resume(rank, world, ckpt):
         assert engine.steps == at and engine.in_warmup == (phase == "warmup")
         _train(engine, rank, at, STEPS)
         got[phase] = (_floats(engine.module.state_dict()), engine.state_dict(), sum(p.numel() for p in engine.module.parameters()))
-    return want, want_state, got, refused
+    return want, want_state, got, refused, want_params
+
+
+def test_resume_with_several_sections(tmp_path):
+    """Slots of four sections, empty ones among them: a checkpoint on either side of the switch
+    resumes bit-identical to the uninterrupted run."""
+    res = run_on_ranks(_resume, WORLD, tmp_path, str(tmp_path / "ckpt"), "sections", timeout=240)
+    for want, want_state, got, refused, want_params in res:
+        assert refused is not None
+        assert None in want_state["strategy"]["slot_blocks"] or len(want_state["strategy"]["slot_blocks"]) == K
+        for phase, (state, resist_state, n_params) in got.items():
+            assert n_params == want_params < sum(p.numel() for p in _sections_net().parameters()), phase
+            assert resist_state == want_state, phase
+            assert state.keys() == want.keys(), phase
+            for k in want:
+                assert torch.equal(state[k], want[k]), (phase, k)
 
 
 def test_resume_on_either_side_of_the_switch(tmp_path):
     res = run_on_ranks(_resume, WORLD, tmp_path, str(tmp_path / "ckpt"), timeout=240)
     block = sum(p.numel() for p in _net().layer3[1].parameters())
     full = sum(p.numel() for p in _net().parameters())
-    for want, want_state, got, refused in res:
+    for want, want_state, got, refused, _ in res:
         assert refused is not None and "saved during the local-SGD warm-up" in refused
         for phase, (state, resist_state, n_params) in got.items():
             assert n_params == full - (N_BLOCKS - K) * block, phase

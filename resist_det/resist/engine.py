@@ -263,6 +263,10 @@ class ResISTEngine:
             # First the structure: a checkpoint taken after the warm-up holds only this rank's
             # blocks, so a run resumed in warm-up structure switches before the weights load.
             self.load_state_dict(own["resist"])
+        if own is not None and "module" in own:
+            # DeepSpeed loads rank 0's module on every rank; this rank's blocks (its slots may be
+            # empty where rank 0's are not) come from its own file, just below.
+            kwargs.setdefault("custom_load_fn", lambda src, dst: None)
         path, client = self.deepspeed_engine.load_checkpoint(str(load_dir), tag=tag, **kwargs)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(load_dir) / tag}")
