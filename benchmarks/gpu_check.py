@@ -54,7 +54,7 @@ def compute_ratio() -> dict:
     full = cifar_preact_resnet101(100).cuda()
     meta = cifar_preact_resnet101(100, device="meta")
     held = make_plan(0, 0, 4, 22, 5).groups[0]
-    sub, _, _ = make_sub_resnet(meta, partitionable_blocks(meta), held)
+    sub, _ = make_sub_resnet(meta, partitionable_blocks(meta), held)
     sub = sub.cuda()
     out = {"blocks": list(held)}
     for name, net in (("sub", sub), ("full", full)):

@@ -26,9 +26,10 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """The network: a YOLOv2-style detector or a pre-activation ResNet classifier."""
+    """The network: a YOLOv2-style detector, a pre-activation ResNet classifier, or a stock
+    torchvision ResNet classifier (``resnet``: partitioned in every section by default)."""
 
-    kind: Literal["yolo", "preact_resnet"]
+    kind: Literal["yolo", "preact_resnet", "resnet"]
     depth: int | None = Field(101, description="ResNet depth (detector backbone: 18/34/50/101/152)")
     block: Literal["basic", "bottleneck"] | None = Field(None, description="pre-activation block kind (default: by depth)")
     layers: list[int] | None = Field(None, description="custom blocks per section (pre-activation nets)")
@@ -43,7 +44,7 @@ class ModelConfig(_Strict):
         """Blocks per section: ``layers``, or the depth's (the detector: its torchvision backbone's)."""
         if self.layers is not None:
             return tuple(self.layers)
-        table = TORCHVISION_DEPTHS if self.kind == "yolo" else PREACT_DEPTHS
+        table = TORCHVISION_DEPTHS if self.kind in ("yolo", "resnet") else PREACT_DEPTHS
         return tuple(table[self.depth or 101][1])
 
 
@@ -132,6 +133,14 @@ class Recipe(_Strict):
             if (m.depth or 101) not in TORCHVISION_DEPTHS:
                 raise ValueError(f"model.depth: the detector's backbone is a torchvision ResNet of depth "
                                  f"{', '.join(map(str, sorted(TORCHVISION_DEPTHS)))}; got {m.depth}")
+        elif m.kind == "resnet":
+            if m.layers is not None:
+                raise ValueError("model.layers: model.kind 'resnet' is torchvision's ResNet of model.depth; "
+                                 "custom sections are for 'preact_resnet'")
+            if m.depth not in TORCHVISION_DEPTHS:
+                raise ValueError(f"model.depth: torchvision's ResNets have depth "
+                                 f"{', '.join(map(str, sorted(TORCHVISION_DEPTHS)))}; got {m.depth}")
+            return  # every section is partitioned: training checks the plan before any step
         elif m.layers is None and m.depth not in PREACT_DEPTHS:
             raise ValueError(f"model.depth must be one of {', '.join(map(str, sorted(PREACT_DEPTHS)))} "
                              f"(or give model.layers); got {m.depth}")

@@ -20,20 +20,21 @@ TV_DEPTHS = {d: ({"basic": BasicBlock, "bottleneck": Bottleneck}[kind], list(lay
              for d, (kind, layers) in TORCHVISION_DEPTHS.items()}
 
 
-def resnet(depth: int = 101, *, num_classes: int = 1000, seed: int = 0, device: torch.device | str | None = None) -> ResNet:
+def resnet(depth: int = 101, *, num_classes: int = 1000, in_channels: int = 3, seed: int = 0,
+           device: torch.device | str | None = None) -> ResNet:
     """torchvision ``ResNet`` of the given depth.
 
     Initialised per unit from ``seed`` (He-normal convolutions, as torchvision), so any
-    block can be rebuilt alone; ``device="meta"`` gives the structure only.
+    block can be rebuilt alone; ``device="meta"`` gives the structure only.  ``in_channels``
+    other than 3 (grayscale images) changes only the first convolution's input width.
     """
     if depth not in TV_DEPTHS:
         raise ValueError(f"depth must be one of {sorted(TV_DEPTHS)}, but got {depth}")
     block, layers = TV_DEPTHS[depth]
-    if device is not None:
-        with torch.device(device):
-            model = ResNet(block, layers, num_classes=num_classes)
-    else:
+    with torch.device(device or "cpu"):
         model = ResNet(block, layers, num_classes=num_classes)
+        if in_channels != 3:
+            model.conv1 = torch.nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if not any(p.is_meta for p in model.parameters()):
         init_network_(model, seed)
     return model

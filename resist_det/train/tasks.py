@@ -172,6 +172,7 @@ def _detection_task(recipe: Recipe, with_train: bool) -> Task:
 def _classification_task(recipe: Recipe, with_train: bool) -> Task:
     from ..data.classification import build_classification_dataset
     from ..models.preact_resnet import preact_resnet
+    from ..models.resnet import resnet
 
     d, m = recipe.data, recipe.model
     train = build_classification_dataset(d.kind, d.root, "train", augment=d.augment)[0] if with_train else None
@@ -179,6 +180,8 @@ def _classification_task(recipe: Recipe, with_train: bool) -> Task:
     num_classes, in_channels = info.num_classes, info.in_channels
 
     def make_model(device: str | None) -> nn.Module:
+        if m.kind == "resnet":
+            return resnet(m.depth or 101, num_classes=num_classes, in_channels=in_channels, seed=m.seed, device=device)
         return preact_resnet(
             m.depth if m.layers is None else None,
             layers=m.layers,
