@@ -9,13 +9,14 @@ ZeRO / fp16 / bf16 outside mode ``ddp``); ``resist`` is :class:`resist_det.resis
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .io import read_json_file
-from .depths import PREACT_DEPTHS, TORCHVISION_DEPTHS, partitionable_count
+from .depths import PREACT_DEPTHS, TORCHVISION_DEPTHS
 from .resist.config import ResISTConfig, check_deepspeed_config, config_error
 
 __all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "load_recipe", "parse_overrides"]
@@ -105,8 +106,8 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if self.model.kind == "yolo" and self.data.kind != "voc":
             raise ValueError(f"model.kind 'yolo' needs data.kind 'voc', got {self.data.kind!r}")
-        if self.model.kind == "preact_resnet" and self.data.kind == "voc":
-            raise ValueError("model.kind 'preact_resnet' is a classifier; data.kind 'voc' needs model.kind 'yolo'")
+        if self.model.kind in ("preact_resnet", "resnet") and self.data.kind == "voc":
+            raise ValueError(f"model.kind {self.model.kind!r} is a classifier; data.kind 'voc' needs model.kind 'yolo'")
         if self.model.kind == "yolo" and self.model.image_size % 32:
             raise ValueError(f"model.image_size must be a multiple of 32, got {self.model.image_size}")
         if "train_micro_batch_size_per_gpu" not in self.deepspeed:
@@ -140,21 +141,46 @@ class Recipe(_Strict):
             if m.depth not in TORCHVISION_DEPTHS:
                 raise ValueError(f"model.depth: torchvision's ResNets have depth "
                                  f"{', '.join(map(str, sorted(TORCHVISION_DEPTHS)))}; got {m.depth}")
-            return  # every section is partitioned: training checks the plan before any step
         elif m.layers is None and m.depth not in PREACT_DEPTHS:
             raise ValueError(f"model.depth must be one of {', '.join(map(str, sorted(PREACT_DEPTHS)))} "
                              f"(or give model.layers); got {m.depth}")
         elif m.layers is not None and (len(m.layers) != 4 or min(m.layers) < 1):
             raise ValueError(f"model.layers: the blocks of 4 sections, at least one each; got {m.layers}")
-        if self.resist.mode != "resist" or self.resist.block_pattern is not None or self.resist.sections is not None:
+        if self.resist.mode == "resist":
+            self._check_partition()
+
+    def _check_partition(self) -> None:
+        """The partitioned blocks training would take (counted from the depth tables), refused
+        here as training would refuse them: a section without a partitionable block, a minimum
+        depth above the blocks there are."""
+        r, m = self.resist, self.model
+        if r.block_pattern is not None:
+            try:
+                re.compile(r.block_pattern)
+            except re.error as e:
+                raise ValueError(f"resist.block_pattern {r.block_pattern!r} is not a valid regular expression: {e}") from None
             return
-        n = partitionable_count(self.model.sections)
-        if n < 1:
-            raise ValueError(f"model: section 3 has {n + 1} block, so ResIST has nothing to partition (its first block "
-                             "stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
-        if self.resist.min_blocks is not None and self.resist.min_blocks > n:
-            raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable section-3 blocks of this model "
-                             f"(model.layers / model.depth); got {self.resist.min_blocks}")
+        sections = {f"layer{i + 1}": n for i, n in enumerate(self.model.sections)}
+        chosen = list(r.sections) if r.sections is not None else (list(sections) if m.kind == "resnet" else ["layer3"])
+        for name in chosen:
+            if name.rpartition(".")[2] not in sections:
+                raise ValueError(f"resist.sections: {name!r} is not a section of this model (layer1, layer2, layer3, layer4)")
+        if m.kind != "resnet" and r.sections is not None:
+            return  # which pre-activation blocks keep their input's shape depends on widths: the ranks check
+        # Each section keeps its first block (strided, or kept so that no sub-ResNet skips the
+        # section), except a ResNet-18/34 layer1 partitioned alone.
+        counts = {n: sections[n.rpartition(".")[2]] - (0 if len(chosen) == 1 and n.endswith("layer1") and m.kind == "resnet"
+                                                        and (m.depth or 101) < 50 else 1) for n in chosen}
+        empty = [n for n, c in counts.items() if c < 1]
+        if empty and r.sections is not None:
+            raise ValueError(f"resist.sections: {empty[0]!r} has no partitionable block (its only block is strided); leave it out")
+        if sum(counts.values()) < 1:
+            raise ValueError(f"model: section 3 has {sections['layer3']} block, so ResIST has nothing to partition (its first "
+                             "block stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
+        n = sum(counts.values())
+        if r.min_blocks is not None and r.min_blocks > n:
+            raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable blocks of {', '.join(chosen)} in this model "
+                             f"(model.layers / model.depth); got {r.min_blocks}")
 
     @property
     def batch_size(self) -> int:

@@ -1,15 +1,13 @@
 """ResNet depths: block kind and blocks per section (He et al. 2016), without importing torch.
 
 Shared by the model builders (:mod:`resist_det.models`) and by the recipe check, which must
-refuse an unsupported depth or a section 3 too short for ``resist.min_blocks`` before any rank
+refuse an unsupported depth or sections too short for ``resist.min_blocks`` before any rank
 starts (and so without the torch import of the models package).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-__all__ = ["PREACT_DEPTHS", "TORCHVISION_DEPTHS", "partitionable_count"]
+__all__ = ["PREACT_DEPTHS", "TORCHVISION_DEPTHS"]
 
 #: depth -> (block kind, blocks per section) of the pre-activation ResNets.
 PREACT_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -23,9 +21,3 @@ PREACT_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
 
 #: torchvision's ResNets (the detector's backbones): the same table without 200.
 TORCHVISION_DEPTHS = {d: v for d, v in PREACT_DEPTHS.items() if d != 200}
-
-
-def partitionable_count(layers: Sequence[int]) -> int:
-    """Blocks ResIST partitions: section 3 except its first block, which changes the width and
-    stride and so stays shared (the paper's section 3)."""
-    return layers[2] - 1

@@ -229,7 +229,11 @@ def _snapshot(folder):
         # what building the engine on every rank would refuse (a traceback per rank, after seconds)
         (["--set", 'deepspeed.optimizer.params.lr="fast"'], "deepspeed.optimizer.params.lr: expected a number >= 0, got 'fast'"),
         (["--set", "deepspeed.optimizer.params.betas=[0.9]"], "deepspeed.optimizer.params.betas: expected two numbers"),
-        (["--set", "resist.min_blocks=5"], "resist.min_blocks must be at most 4, the partitionable section-3 blocks"),
+        (["--set", "resist.min_blocks=5"], "resist.min_blocks must be at most 4, the partitionable blocks of layer3 in this model"),
+        (["--set", 'model={"kind": "resnet", "depth": 18}', "--set", "resist.min_blocks=5"],
+         "resist.min_blocks must be at most 4, the partitionable blocks of layer1, layer2, layer3, layer4"),
+        (["--set", 'resist.sections=["layer9"]'], "resist.sections: 'layer9' is not a section of this model"),
+        (["--set", 'resist.block_pattern="(["'], "resist.block_pattern '([' is not a valid regular expression"),
         (["--set", "model.layers=[1,1,1,1]"], "section 3 has 1 block, so ResIST has nothing to partition"),
         (["--set", "model.layers=null", "--set", "model.depth=77"], "model.depth must be one of 18, 34, 50, 101, 152, 200"),
         (["--set", "model.layers=[1,1,0,1]"], "model.layers: the blocks of 4 sections, at least one each; got [1, 1, 0, 1]"),

@@ -165,7 +165,7 @@ def make_sub_resnet(
 
     ``block_names`` are the partitionable blocks, section after section (see
     :func:`resist_det.resist.partition.partitionable_blocks`).  Section ``s`` gets
-    ``slots_per_section[s]`` slots (default: the blocks of it held): the held blocks first,
+    ``slots_per_section[s]`` slots (default: the blocks of it held, at least one): the held blocks first,
     then empty ones.  Blocks not held are dropped before anything else is allocated.  A model
     built on the meta device is materialised unit by unit from ``seed`` (only the shared layers
     and held blocks ever get memory); a real model keeps its own weights and the held blocks
@@ -189,7 +189,7 @@ def make_sub_resnet(
         partitioned = set(positions)
         fixed = [(i, children[i]) for i in range(len(children)) if i not in partitioned]
         held_s = [b for b in held if sec_of[b] == s]
-        count = len(held_s) if slots_per_section is None else slots_per_section[s]
+        count = max(1, len(held_s)) if slots_per_section is None else slots_per_section[s]
         if count < max(1, len(held_s)):
             raise ValueError(f"{section_name!r}: {count} slots cannot hold blocks {held_s}")
         spare = [b for b in mine if b not in held_s][: count - len(held_s)]
