@@ -13,7 +13,7 @@ from resist_det.resist.comm_cost import (
     logged_bytes,
     with_comms_logger,
 )
-from resist_det.resist.sync import ALLREDUCE_LOG, P2P_LOG
+from resist_det.resist.comm_cost import ALLREDUCE_LOG, P2P_LOG
 
 
 def _rec(count):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from typing import Any
 
 from torch import nn
 
-from .partition import partitionable_blocks, section_of
+from .comm_cost import ring_share
+from .partition import is_section_name, partitionable_blocks, section_of
 from .plan import (Plan, blocks_per_worker, check_plan_args, degenerate_plan, inclusion_probability, iter_plans, p2p_bytes,
                    resolve_min_blocks)
 from .sparse import sparse_message_size
@@ -66,7 +66,7 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
     degenerate = degenerate_plan(workers, n, min_blocks)
     k = n if degenerate else blocks_per_worker(workers, n, min_blocks)
     s = workers
-    fp32_rank = lambda elems: 2 * (s - 1) / s * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
+    fp32_rank = lambda elems: ring_share(s) * elems * bytes_per_elem  # noqa: E731  (ring all-reduce, each rank)
     if codec is None or codec.lossless:
         per_rank, block_bytes = fp32_rank, [b * bytes_per_elem for b in sizes["block"]]
     else:  # reduce-scatter + all-gather of quantised shards; blocks as one quantised message each
@@ -98,7 +98,7 @@ def plan_report(model: nn.Module, workers: int, *, model_name: str = "", min_blo
             "rank_bytes": rank_bytes,
             "rank_params": [shared_params + sum(sizes["block_params"][b] for b in g) for g in p.groups],
         })
-    full_depth = sum(len(m) for name, m in model.named_modules() if re.search(r"(^|\.)(layer\d+|encoder\.layers)$", name)) or None
+    full_depth = sum(len(m) for name, m in model.named_modules() if is_section_name(name)) or None
     return {
         "model": model_name or type(model).__name__,
         "num_blocks": n,

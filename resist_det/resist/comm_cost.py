@@ -32,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .sync import ALLREDUCE_LOG, P2P_LOG
 
 __all__ = [
     "Kind",
@@ -42,6 +41,9 @@ __all__ = [
     "counts",
     "logged_bytes",
     "allreduce_cost",
+    "ring_share",
+    "ALLREDUCE_LOG",
+    "P2P_LOG",
     "bytes_sent",
     "local_comms_log",
     "gather_comms_logs",
@@ -50,6 +52,10 @@ __all__ = [
 ]
 
 Kind = Literal["all_reduce", "p2p"]
+
+#: The log names of the engine's own messages (:mod:`resist_det.resist.sync`).
+ALLREDUCE_LOG = "resist_all_reduce"
+P2P_LOG = "resist_p2p"
 
 #: The log name of DeepSpeed's own gradient all-reduce (``dist.all_reduce``'s default), used by mode ``ddp``.
 DDP_ALLREDUCE_LOG = "all_reduce"
@@ -87,14 +93,19 @@ def logged_bytes(comms_dict: Mapping[str, Mapping[int, Any]]) -> dict[str, int]:
     return {name: sum(size * n for size, n in sizes.items()) for name, sizes in counts(comms_dict).items()}
 
 
-def allreduce_cost(msg_bytes: int, group_size: int) -> int:
-    """Bytes one rank sends in a ring all-reduce of ``msg_bytes`` over ``group_size`` ranks.
-
-    Rounded per message exactly as :func:`resist_det.resist.sync.average_tensors` does.
-    """
+def ring_share(group_size: int) -> float:
+    """The share of a message each rank sends in a ring all-reduce over ``group_size`` ranks:
+    ``2 (g - 1) / g`` (a reduce-scatter and an all-gather of ``g`` shards).  The one definition
+    of the ring cost: the engine's counters, the planner and the benchmarks all use it."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, but got {group_size}")
-    return round(2 * (group_size - 1) / group_size * msg_bytes)
+    return 2 * (group_size - 1) / group_size
+
+
+def allreduce_cost(msg_bytes: int, group_size: int) -> int:
+    """Bytes one rank sends in a ring all-reduce of ``msg_bytes`` over ``group_size`` ranks,
+    rounded per message as the engine counts it."""
+    return round(ring_share(group_size) * msg_bytes)
 
 
 def bytes_sent(

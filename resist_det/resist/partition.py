@@ -27,13 +27,18 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, unknown_block_error
-from .seeding import seeded_init_
+from .seeding import RESNET_SECTION, seeded_init_
 
-__all__ = ["find_sections", "partitionable_blocks", "section_of", "build_block"]
+__all__ = ["find_sections", "partitionable_blocks", "section_of", "is_section_name", "build_block"]
 
-# A ResNet section: a module named layerN (or ending in .layerN).
-_RESNET_SECTION = re.compile(r"(^|\.)layer\d+$")
+# A ResNet section: a module named layerN (or ending in .layerN); a ViT's encoder.
+_RESNET_SECTION = re.compile(rf"(^|\.){RESNET_SECTION}$")
 _VIT_SECTION = "encoder.layers"
+
+
+def is_section_name(name: str) -> bool:
+    """Whether ``name`` names a ResNet section or a ViT encoder (where blocks may be partitioned)."""
+    return bool(_RESNET_SECTION.search(name)) or _matches(name, _VIT_SECTION)
 
 
 def _matches(name: str, wanted: str) -> bool:

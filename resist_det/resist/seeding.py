@@ -14,17 +14,22 @@ import zlib
 import torch
 from torch import nn
 
-__all__ = ["unit_generator", "seeded_init_", "init_network_", "network_units"]
+__all__ = ["mix_seed", "unit_generator", "seeded_init_", "init_network_", "network_units"]
 
-# A child of a ``layerN`` container is one residual block: the unit of partitioning.
-_BLOCK_NAME = re.compile(r"(^|\.)layer\d+\.\d+$")
+#: A ResNet section's name (torchvision's ``layer1`` ... ``layer4``), the one rule used everywhere.
+RESNET_SECTION = r"layer\d+"
+# A child of a ResNet section is one residual block: the unit of partitioning.
+_BLOCK_NAME = re.compile(rf"(^|\.){RESNET_SECTION}\.\d+$")
+
+
+def mix_seed(seed: int, salt: int) -> int:
+    """One seed from a run's ``seed`` and a ``salt`` (a unit's name hash, a rank): the seeding rule."""
+    return (int(seed) * 1_000_003 + int(salt)) % (2**63 - 1)
 
 
 def unit_generator(seed: int, unit: str) -> torch.Generator:
     """A CPU generator that depends only on ``seed`` and the unit's name."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(unit.encode())) % (2**63 - 1))
-    return g
+    return torch.Generator().manual_seed(mix_seed(seed, zlib.crc32(unit.encode())))
 
 
 @torch.no_grad()

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .adapters import fold_branch_scale, set_branch_scale
+from .comm_cost import allreduce_cost
 from .config import ResISTConfig
 from .optimizer_state import moments, policy, reset_state
 from .partition import section_of
 from .plan import Plan, inclusion_probability, iter_plans, resolve_min_blocks
+from .seeding import mix_seed
 from .subnet import SlottedSection, block_tensors, get_submodule_parent
 from .sync import average_tensors, gather_blocks, route_blocks
 from .sparse import SparseAverager
@@ -140,7 +142,7 @@ class Strategy:
         if not self.config.compression.stochastic:
             return None
         if getattr(self, "_rounding", None) is None:
-            self._rounding = torch.Generator().manual_seed(self.config.seed * 1000003 + self.rank)
+            self._rounding = torch.Generator().manual_seed(mix_seed(self.config.seed, self.rank))
         return self._rounding
 
     def _with_state(self, tensors: list[torch.Tensor], params: list[nn.Parameter]) -> list[torch.Tensor]:
@@ -158,9 +160,8 @@ class DataParallel(Strategy):
     has_rounds = False
 
     def bytes_per_step(self) -> int:
-        g = self.world_size  # ring costing of DeepSpeed's gradient all-reduce
         grads = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
-        return round(2 * (g - 1) / g * grads)
+        return allreduce_cost(grads, self.world_size)  # DeepSpeed's gradient all-reduce, ring costing
 
     def sync(self, round_index: int, switch: bool) -> int:
         return 0

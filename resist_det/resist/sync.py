@@ -8,8 +8,8 @@
 
 Every call goes through ``deepspeed.comm`` with ``prof=True``, so DeepSpeed's comms logger,
 when enabled, records every message.  Each function also returns the bytes this rank sent
-under the costing used by the benchmarks: a ring all-reduce costs ``2 (g - 1) / g`` of the
-message per rank in a group of ``g``; a point-to-point message costs its size on the sender.
+under the costing of :mod:`resist_det.resist.comm_cost` (ring all-reduce: ``2 (g - 1) / g`` of
+the message per rank; point-to-point: the message on the sender).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .comm_cost import ALLREDUCE_LOG, P2P_LOG, allreduce_cost
 from .plan import Plan, reducer_of
 from .sparse import SparseAverager
 from .subnet import block_tensors
@@ -28,8 +29,6 @@ from .transport import Codec, compressed_average
 
 __all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
 
-ALLREDUCE_LOG = "resist_all_reduce"
-P2P_LOG = "resist_p2p"
 
 
 def _flat_buffer(tensors: Sequence[Tensor]) -> Tensor:
@@ -77,7 +76,7 @@ def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, 
         else:
             dist.all_reduce(flat, prof=True, log_name=log_name)
             flat.div_(world)
-            sent += round(2 * (world - 1) / world * flat.numel() * flat.element_size())
+            sent += allreduce_cost(flat.numel() * flat.element_size(), world)
         for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(avg)
     return sent
