@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -133,6 +132,55 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     (tmp_path / ".resist_det.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": "then"}))
     with RunLock(tmp_path):  # its holder died: taken over
         assert json.loads((tmp_path / ".resist_det.lock").read_text())["pid"] == os.getpid()
+    # A holder killed with SIGKILL releases the lock at once (the kernel's flock): taken at the next try.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from resist_det.train.run_lock import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid}"):
+        RunLock(tmp_path).check()
+    holder.kill()
+    holder.wait()
+    with RunLock(tmp_path):
+        pass
+
+
+def _race_for_the_lock(folder, barrier, results):
+    from resist_det.train.run_lock import RunLock
+
+    lock = RunLock(folder)
+    barrier.wait()
+    try:
+        lock.acquire()
+        won = True
+    except ValueError:
+        won = False
+    barrier.wait()  # every contender has tried while the winner still holds it
+    lock.release()
+    results.put(won)
+
+
+RACE_TRIALS = 40  # benchmarks/fault_campaign.py-sized runs use more; each trial starts 6 processes
+
+
+def test_simultaneous_takeovers_of_a_stale_lock_have_exactly_one_winner(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for trial in range(RACE_TRIALS):
+        folder = tmp_path / str(trial)
+        folder.mkdir()
+        (folder / ".resist_det.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": "then"}))
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_race_for_the_lock, args=(folder, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        wins = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert sum(wins) == 1, (trial, wins)
 
 
 # Loaded by every Python process of the run through PYTHONPATH; only rank 1 acts on it, and only
@@ -275,13 +323,14 @@ def test_a_folder_in_use_is_refused_before_any_rank_starts(tmp_path):
 
     from resist_det.cli import app
 
+    from resist_det.train.run_lock import RunLock
+
     out = tmp_path / "run"
-    out.mkdir()
     lock = out / ".resist_det.lock"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(_recipe(tmp_path, "run")))  # its data does not exist: refused before that check
-    res = CliRunner().invoke(app, ["train", str(recipe), "--nproc", "2"])
-    assert res.exit_code != 0
-    assert f"train.output_dir {out} is in use by another run (pid {os.getpid()}" in res.output, res.output
-    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    with RunLock(out):  # a live run holds the folder
+        res = CliRunner().invoke(app, ["train", str(recipe), "--nproc", "2"])
+        assert res.exit_code != 0
+        assert f"train.output_dir {out} is in use by another run (pid {os.getpid()}" in res.output, res.output
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
