@@ -84,6 +84,41 @@ def test_global_model_loads_without_code_and_damage_or_payload_is_refused(traine
         model.write_bytes(original)
 
 
+def test_integrity_checks_cannot_be_switched_off_by_the_file(trained, tmp_path):
+    """A file cannot vouch for itself by leaving its checksums out; damage is never taken for an
+    interrupted save; a refused pickle gets one line, without torch's advice to unpickle it."""
+    tmp, recipe = trained
+    model = tmp / "run" / "global_model.pt"
+    original = model.read_bytes()
+    saved = torch.load(model, weights_only=True)
+    try:
+        for bad in ({k: v for k, v in saved.items() if k != "sha256"}, {**saved, "sha256": "deadbeef"},
+                    {**saved, "model": [1, 2]}):
+            torch.save(bad, model)
+            result = _cli("eval", "--checkpoint", tmp / "run")
+            assert result.exit_code == 1 and str(model) in result.output and "Traceback" not in result.output, result.output
+        torch.save({"model": _Payload(tmp_path / "pwned"), "recipe": {}}, model)
+        result = _cli("export", tmp / "run", "--out", tmp_path / "m.pt")
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "weights_only=False" not in result.output and not (tmp_path / "pwned").exists()
+    finally:
+        model.write_bytes(original)
+    tag_dir = tmp / "run" / "checkpoints" / "epoch0000"
+    record, rank_file = (tag_dir / "resist.json").read_text(), tag_dir / "resist_rank01.pt"
+    data = rank_file.read_bytes()
+    try:
+        (tag_dir / "resist.json").write_text(json.dumps({**json.loads(record), "files": None}))
+        result = _cli("train", recipe, "--nproc", "2", "--resume")  # no manifest: nothing to resume from
+        assert result.exit_code == 1 and "no complete checkpoint" in result.output, result.output
+        (tag_dir / "resist.json").write_text(record)
+        rank_file.write_bytes(data[: len(data) // 2])  # truncated under a complete manifest: damage, named
+        result = _cli("train", recipe, "--nproc", "2", "--resume")
+        assert result.exit_code == 1 and f"damaged: {rank_file} (its size differs" in result.output, result.output
+    finally:
+        (tag_dir / "resist.json").write_text(record)
+        rank_file.write_bytes(data)
+
+
 @pytest.mark.parametrize("victim", ["resist_rank01.pt", "mp_rank_00_model_states.pt"])
 def test_resume_refuses_a_damaged_or_planted_checkpoint_file(trained, tmp_path, victim):
     tmp, recipe = trained

@@ -90,16 +90,17 @@ def _record(checkpoint_dir: str | Path, tag: str) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or "world_size" not in record:
         return None
-    record.setdefault("files", None)  # written before manifests existed: complete, but nothing to verify
+    if not isinstance(record.get("files"), dict) or not record["files"]:
+        return None  # no manifest: nothing vouches for the files, so this is no complete checkpoint
     return record
 
 
 def is_complete(checkpoint_dir: str | Path, tag: str) -> bool:
-    """The tag's manifest exists and every file it lists is present with its size."""
-    record = _record(checkpoint_dir, tag)
-    where = Path(checkpoint_dir) / str(tag)
-    return record is not None and all((where / name).is_file() and (where / name).stat().st_size == meta.get("bytes")
-                                      for name, meta in (record["files"] or {}).items())
+    """The tag's manifest was written (rank 0 writes it only once every file is on disk).
+
+    A file the manifest lists that is missing or of another size is damage, not an interrupted
+    save: :func:`verify_files` refuses it by name."""
+    return _record(checkpoint_dir, tag) is not None
 
 
 def _tags(checkpoint_dir: str | Path) -> list[str]:
@@ -134,13 +135,15 @@ def verify_files(checkpoint_dir: str | Path, tag: str, names: list[str] | None =
     where = Path(checkpoint_dir) / str(tag)
     if record is None:
         raise ValueError(f"checkpoint {where} has no file manifest in {RECORD_FILE}: its save did not finish")
-    for name, meta in (record["files"] or {}).items():
+    for name, meta in record["files"].items():
         if names is not None and name not in names:
             continue
         path = where / name
         if not path.is_file():
             raise ValueError(f"checkpoint file missing: {path}")
-        if path.stat().st_size != meta.get("bytes") or _sha256(path) != meta.get("sha256"):
+        if not isinstance(meta, dict) or path.stat().st_size != meta.get("bytes"):
+            raise ValueError(f"checkpoint file damaged: {path} (its size differs from the one recorded when it was saved)")
+        if _sha256(path) != meta.get("sha256"):
             raise ValueError(f"checkpoint file damaged: {path} (its SHA-256 differs from the one recorded when it was saved)")
 
 

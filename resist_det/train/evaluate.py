@@ -29,16 +29,23 @@ def load_global_model(checkpoint: str | Path) -> tuple[dict[str, Any], Any]:
     path = _checkpoint_file(checkpoint)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({e})") from None
-    for key in ("model", "recipe"):
-        if not isinstance(saved, dict) or key not in saved:
-            raise ValueError(f"--checkpoint: {path} has no {key!r} entry; not a resist_det global model")
-    if "sha256" in saved:  # (global models written before checksums were added have none)
-        bad = sorted(k for k, h in tensor_checksums(saved["model"]).items() if saved["sha256"].get(k) != h)
-        if bad or saved["sha256"].keys() != saved["model"].keys():
-            raise ValueError(f"--checkpoint: {path} is damaged: tensors {', '.join(bad[:5]) or '(missing)'} differ from "
-                             "their checksums recorded when it was saved")
+    except Exception as e:  # a truncated, foreign or code-carrying file; torch's advice (to unpickle it) is not repeated
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e):
+            first = "it holds objects other than tensors and plain values, which would run code if loaded"
+        raise ValueError(f"--checkpoint: {path} is not a resist_det global model ({first})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict) or "recipe" not in saved:
+        raise ValueError(f"--checkpoint: {path} is not a resist_det global model (expected a dict with 'model' tensors, "
+                         "'sha256' and 'recipe')")
+    sums = saved.get("sha256")
+    if not isinstance(sums, dict):  # the checksums are required: a file cannot switch its own check off
+        raise ValueError(f"--checkpoint: {path} has no per-tensor checksums ('sha256'); not a resist_det global model")
+    if not all(torch.is_tensor(v) for v in saved["model"].values()):
+        raise ValueError(f"--checkpoint: {path}: 'model' holds something other than tensors; not a resist_det global model")
+    bad = sorted(k for k, h in tensor_checksums(saved["model"]).items() if sums.get(k) != h)
+    if bad or sums.keys() != saved["model"].keys():
+        raise ValueError(f"--checkpoint: {path} is damaged: tensors {', '.join(bad[:5]) or '(missing)'} differ from "
+                         "their checksums recorded when it was saved")
     return saved, load_recipe(saved["recipe"])
 
 
