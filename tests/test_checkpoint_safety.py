@@ -216,3 +216,12 @@ def test_write_record_sweeps_half_written_files_of_killed_writers(tmp_path):
     record = json.loads((root / "epoch0001" / "resist.json").read_text())
     assert record["files"] == {"w.pt": {"bytes": 7, "sha256": _sha(root / "epoch0001" / "w.pt")}}
     assert resume_tag(root) == ("epoch0001", None)
+
+
+def test_resuming_a_finished_run_leaves_it_as_it_was(trained):
+    tmp, recipe = trained
+    files = {p: p.read_bytes() for p in (tmp / "run").rglob("*") if p.is_file() and p.name != ".resist_det.lock"}
+    assert "accuracy" in json.loads((tmp / "run" / "summary.json").read_text()).get("metrics", {})
+    result = _cli("train", recipe, "--nproc", "2", "--resume")
+    assert result.exit_code == 0 and "has finished (all 1 epochs trained)" in " ".join(result.output.split()), result.output
+    assert {p: p.read_bytes() for p in files} == files  # summary, log, checkpoints: untouched

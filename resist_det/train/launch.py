@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,11 @@ def check_same_recipe(recipe: Recipe) -> None:
         raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
 
 
+def finished_message(recipe: Recipe) -> str:
+    return (f"--resume: the run in {recipe.train.output_dir} has finished (all {recipe.train.epochs} epochs trained); "
+            "nothing to do, its files are left as they are (raise train.epochs to train it further)")
+
+
 def check_resume(recipe: Recipe, world_size: int) -> str:
     """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
     from ..resist.checkpoint import check_checkpoint, check_plain_tensors, resume_tag, verify_files
@@ -90,7 +96,11 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
         if skipped:
             print(f"data.skip_bad: leaving out {len(skipped)} images:\n  " + "\n  ".join(skipped), file=sys.stderr, flush=True)
     if resume:
-        check_resume(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if inside else nproc)
+        tag = check_resume(recipe, int(os.environ.get("WORLD_SIZE", nproc)) if inside else nproc)
+        done = re.fullmatch(r"epoch(\d+)", tag)
+        if resume is True and done and int(done.group(1)) + 1 >= recipe.train.epochs and not inside:
+            print(finished_message(recipe), file=sys.stderr, flush=True)
+            return 0
     if inside or (nproc == 1 and not max_restarts):
         from .loop import train
 

@@ -155,6 +155,12 @@ def train(recipe: Recipe, *, resume: bool | str = False, progress: bool = True) 
 def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:
     recipe = run.recipe
     start_epoch, wall_before = resume_from_checkpoint(run) if resume else (0, 0.0)
+    if start_epoch >= recipe.train.epochs:  # a finished run: its summary, log and files stay as they are
+        from .launch import finished_message
+
+        if run.rank == 0:
+            print(finished_message(recipe), file=sys.stderr, flush=True)
+        return None
     open_log(run, start_epoch)
     bar = Progress(recipe.train.epochs, run.steps_per_epoch, enabled=run.rank == 0, start_epoch=start_epoch,
                    bar=progress)
