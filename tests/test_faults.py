@@ -334,3 +334,55 @@ def test_a_folder_in_use_is_refused_before_any_rank_starts(tmp_path):
         assert res.exit_code != 0
         assert f"train.output_dir {out} is in use by another run (pid {os.getpid()}" in res.output, res.output
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    return process_state(pid) in ("Z", "X")
+
+
+#: How long after its launcher a rank may live: the kernel signals it at once (PR_SET_PDEATHSIG);
+#: the agent, signalled with SIGTERM, gives its ranks torchrun's grace period before SIGKILL.
+ORPHAN_SECONDS = 10
+
+
+@pytest.mark.parametrize("victim", ["agent", "cli"])
+def test_no_rank_outlives_a_killed_launcher(tmp_path, victim):
+    """SIGKILL to torchrun's agent (the OOM killer's way) or to the resist-det launcher: every
+    process below it ends within ORPHAN_SECONDS and the run's lock is free again."""
+    from resist_det.train.run_lock import RunLock
+
+    write_idx(tmp_path / "fmnist", n_train=48, n_test=16)
+    recipe = _recipe(tmp_path, "run")
+    recipe["train"]["epochs"] = 1000  # trains until stopped
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    cli = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert wait_until(lambda: logged_a_step(tmp_path / "run" / "metrics.jsonl"), 180, lambda: cli.poll() is None, poll=0.5)
+        agents = [p for p in _children(cli.pid) if b"resist_det.train.agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(agents) == 1
+        ranks = [_rank_pid(str(path), r) for r in (0, 1)]
+        assert all(ranks)
+        os.kill(agents[0] if victim == "agent" else cli.pid, signal.SIGKILL)
+        assert wait_until(lambda: all(_gone(p) for p in [*ranks, agents[0]]), ORPHAN_SECONDS), \
+            [(p, process_state(p)) for p in [*ranks, agents[0]]]
+        def lock_free() -> bool:
+            try:
+                RunLock(tmp_path / "run").check()
+            except ValueError:
+                return False
+            return True
+
+        assert wait_until(lock_free, ORPHAN_SECONDS)  # a new run may take the folder
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()

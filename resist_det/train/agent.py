@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from .lifetime import die_with_parent
+
+    die_with_parent(signal.SIGTERM)  # the resist-det launcher died: stop the ranks (torchrun does, on SIGTERM)
+
     try:  # torchrun's ``main`` without its ``@record`` wrapper, which would re-log the ranks' error files
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
