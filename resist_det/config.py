@@ -9,11 +9,12 @@ ZeRO / fp16 / bf16 outside mode ``ddp``); ``resist`` is :class:`resist_det.resis
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .io import read_json_file
 from .depths import PREACT_DEPTHS, TORCHVISION_DEPTHS
@@ -23,7 +24,8 @@ __all__ = ["Recipe", "ModelConfig", "DataConfig", "TrainConfig", "LRSchedule", "
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are errors; a number must be a number (not true, not "16") and finite.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -36,7 +38,7 @@ class ModelConfig(_Strict):
     layers: list[int] | None = Field(None, description="custom blocks per section (pre-activation nets)")
     base_width: int = Field(64, ge=1, description="section-1 width of pre-activation nets")
     stem: Literal["cifar", "imagenet"] = "cifar"
-    image_size: int = Field(448, ge=32, description="detector input size, a multiple of 32")
+    image_size: int = Field(448, ge=32, le=4096, description="detector input size, a multiple of 32")
     neck_channels: int = Field(0, ge=0, description="detector: 3x3 conv width before the 1x1 head (0: none)")
     seed: int = Field(0, ge=0, description="weight initialisation seed")
 
@@ -61,9 +63,22 @@ class DataConfig(_Strict):
     classes: list[str] | None = Field(None, description="VOC class names (default: the 20 VOC classes; [] = the names found in the training annotations)")
     augment: bool = Field(False, description="training augmentation (the paper's VOC recipe: off)")
     skip_bad: bool = Field(False, description="VOC: leave out images that fail the pre-flight checks (listed) instead of refusing to start")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes per rank")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training images (smoke runs)")
     limit_test: int | None = Field(None, ge=1, description="evaluate on the first N test images")
+
+    @field_validator("train_sets", "test_sets", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        """JSON has no tuples: its [year, split] arrays are the pairs."""
+        return [tuple(v) if isinstance(v, list) else v for v in value] if isinstance(value, list) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _named(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (any(not c.strip() for c in value) or len(set(value)) != len(value)):
+            raise ValueError(f"expected distinct, non-empty class names, got {value!r}")
+        return value
 
 
 class LRSchedule(_Strict):
@@ -81,7 +96,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(1, ge=1, description="evaluate the global network every N epochs (and at the end)")
     checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every N epochs (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="keep the newest N complete checkpoints; older ones are deleted")
-    comm_timeout_minutes: float = Field(15.0, gt=0, description="a collective that waits longer than this on a lost or "
+    comm_timeout_minutes: float = Field(15.0, gt=0, le=10080, description="a collective that waits longer than this on a lost or "
                                         "stalled rank fails with an error instead of hanging (PyTorch's default: 30)")
     log_every: int = Field(10, ge=1, description="log the training loss every N steps")
     output_dir: str = Field("runs/run", description="checkpoints, metrics.jsonl and the resolved recipe go here")
@@ -112,6 +127,7 @@ class Recipe(_Strict):
             raise ValueError(f"model.image_size must be a multiple of 32, got {self.model.image_size}")
         if "train_micro_batch_size_per_gpu" not in self.deepspeed:
             raise ValueError("deepspeed.train_micro_batch_size_per_gpu is required (the batch per worker)")
+        _check_deepspeed_numbers(self.deepspeed)
         if "resist" in self.deepspeed:
             raise ValueError("put the resist section at the top level of the recipe, not inside deepspeed")
         self._check_model()
@@ -196,6 +212,23 @@ class Recipe(_Strict):
 _NUMERIC_PARAMS = ("lr", "momentum", "weight_decay", "eps", "dampening")
 
 
+def _number(v: Any) -> bool:
+    """A finite number >= 0 (JSON's true is not one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _check_deepspeed_numbers(ds: dict[str, Any]) -> None:
+    """The DeepSpeed keys the ranks would crash on, checked here: batch sizes and clipping."""
+    for key, top in (("train_micro_batch_size_per_gpu", 65536), ("gradient_accumulation_steps", 65536),
+                     ("train_batch_size", 2**24)):
+        v = ds.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top):
+            raise ValueError(f"deepspeed.{key}: expected a whole number from 1 to {top}, got {v!r}")
+    clip = ds.get("gradient_clipping")
+    if clip is not None and not _number(clip):
+        raise ValueError(f"deepspeed.gradient_clipping: expected a finite number >= 0 (0: off), got {clip!r}")
+
+
 def _check_optimizer_params(ds: dict[str, Any]) -> None:
     optimizer = ds.get("optimizer")
     if optimizer is None:
@@ -203,15 +236,11 @@ def _check_optimizer_params(ds: dict[str, Any]) -> None:
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("params", {}), dict):
         raise ValueError('deepspeed.optimizer: expected {"type": ..., "params": {...}}, got ' + repr(optimizer)[:80])
     params = optimizer.get("params", {})
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-
     for key in _NUMERIC_PARAMS:
-        if params.get(key) is not None and not isinstance(params[key], (list, tuple)) and not number(params[key]):
+        if params.get(key) is not None and not isinstance(params[key], (list, tuple)) and not _number(params[key]):
             raise ValueError(f"deepspeed.optimizer.params.{key}: expected a number >= 0, got {params[key]!r}")
     betas = params.get("betas")
-    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and b < 1 for b in betas)):
         raise ValueError(f"deepspeed.optimizer.params.betas: expected two numbers in [0, 1), got {betas!r}")
 
 
@@ -226,11 +255,16 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: dict[str, Any] |
         data = read_json_file(source, "recipe")
     else:
         data = json.loads(json.dumps(source))
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object with sections deepspeed, resist, model, data and train, "
+                         f"got a {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {dotted}: {'.'.join(parents[:depth + 1])} is a value, not a section")
         node[last] = value
     try:
         return Recipe(**data)

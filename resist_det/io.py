@@ -73,6 +73,10 @@ def read_json_file(path: str | Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text, so not a {what} ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a {what}") from None

@@ -242,6 +242,20 @@ def _snapshot(folder):
         (["--set", 'train.output_dir="{tmp}/a_file"'], "train.output_dir {tmp}/a_file is a file, not a folder"),
         (["--set", 'train.output_dir="{tmp}/a_file/run"'], "train.output_dir {tmp}/a_file/run: {tmp}/a_file is a file, not a folder"),
         (["--set", "deepspeed.fp16=true"], "deepspeed.fp16: expected an object such as {\"enabled\": false}, got True"),
+        # values the ranks would crash on, or take without comment: refused here, naming the key
+        (["--set", "train.comm_timeout_minutes=1e300"], "train.comm_timeout_minutes: Input should be less than or equal to 10080"),
+        (["--set", "deepspeed.train_micro_batch_size_per_gpu=0"], "deepspeed.train_micro_batch_size_per_gpu: expected a whole number from 1"),
+        (["--set", "deepspeed.train_micro_batch_size_per_gpu=true"], "deepspeed.train_micro_batch_size_per_gpu: expected a whole number"),
+        (["--set", 'deepspeed.train_micro_batch_size_per_gpu="16"'], "deepspeed.train_micro_batch_size_per_gpu: expected a whole number"),
+        (["--set", "deepspeed.train_micro_batch_size_per_gpu=1000000000000"], "deepspeed.train_micro_batch_size_per_gpu: expected"),
+        (["--set", "deepspeed.optimizer.params.lr=Infinity"], "deepspeed.optimizer.params.lr: expected a number >= 0, got inf"),
+        (["--set", "deepspeed.gradient_clipping=-5"], "deepspeed.gradient_clipping: expected a finite number >= 0"),
+        (["--set", "model.image_size=3200000"], "model.image_size: Input should be less than or equal to 4096"),
+        (["--set", "data.num_workers=1000000"], "data.num_workers: Input should be less than or equal to 256"),
+        (["--set", 'data.classes=[""]'], "data.classes: Value error, expected distinct, non-empty class names"),
+        (["--set", "resist.local_steps=1e20"], "resist.local_steps: Input should be a valid integer"),
+        (["--set", "train.epochs=true"], "train.epochs: Input should be a valid integer"),
+        (["--set", "train.epochs.x=1"], "--set train.epochs.x: train.epochs is a value, not a section"),
     ],
 )
 def test_train_refuses_bad_input_before_starting(recipe_file, tmp_path, args, msg):
@@ -350,3 +364,16 @@ def test_deepspeed_scheduler_is_used_or_refused(tmp_path):
     recipe["train"]["lr_schedule"] = {"milestones": [2]}
     with pytest.raises(ValueError, match="deepspeed.scheduler and train.lr_schedule both set the learning rate"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"[1, 2]", "expected a JSON object with sections deepspeed, resist, model, data and train, got a list"),
+    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply to be a recipe"),
+    (b'\xff\xfe{"train": {}}', "not UTF-8 text, so not a recipe"),
+])
+def test_a_malformed_recipe_file_is_one_line_naming_it(tmp_path, content, msg):
+    path = tmp_path / "recipe.json"
+    path.write_bytes(content)
+    result = CliRunner().invoke(app, ["train", str(path), "--nproc", "2"])
+    assert result.exit_code == 1 and msg in result.output and str(path) in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

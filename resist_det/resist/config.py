@@ -27,7 +27,7 @@ __all__ = ["CompressionConfig", "ResISTConfig", "split_config", "config_error", 
 class CompressionConfig(BaseModel):
     """What a sync sends: fp32 (``bits`` 32) or quantised to 4-8 bits with one scale per chunk."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     bits: Literal[4, 5, 6, 7, 8, 32] = Field(32, description="bits per value on the wire (32: uncompressed fp32)")
     chunk: int = Field(1024, ge=16, description="values per fp32 scale")
@@ -39,10 +39,10 @@ class CompressionConfig(BaseModel):
 class ResISTConfig(BaseModel):
     """Settings of the ResIST engine (paper defaults)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     mode: Literal["resist", "local_sgd", "ddp"] = Field("resist", description="resist, the local-SGD baseline, or plain DeepSpeed data parallel")
-    local_steps: int = Field(50, ge=1, description="local steps between synchronisations (paper: 50; ImageNet 15)")
+    local_steps: int = Field(50, ge=1, le=10**9, description="local steps between synchronisations (paper: 50; ImageNet 15)")
     min_blocks: int | None = Field(None, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10); "
                                    "default: a fifth of the partitionable blocks, rounded up (5 of the paper's 22)")
     seed: int = Field(0, ge=0, description="seed of the partition plans")
