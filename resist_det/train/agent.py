@@ -32,12 +32,9 @@ def _reason(failure) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
-
-    from .lifetime import die_with_parent
-
-    die_with_parent(signal.SIGTERM)  # the resist-det launcher died: stop the ranks (torchrun does, on SIGTERM)
 
     try:  # torchrun's ``main`` without its ``@record`` wrapper, which would re-log the ranks' error files
         run(parse_args(sys.argv[1:] if argv is None else argv))
@@ -53,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 said.add(reason)
             print(line, file=sys.stderr, flush=True)
         return 1
+    except SignalException as e:  # stopped from outside (SIGTERM, Ctrl-C): the ranks are stopped; no traceback
+        return 128 + int(e.sigval)
     return 0
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, load_recipe
+from .lifetime import die_with_parent
 from .preflight import check_data, preflight
 
 __all__ = ["check_resume", "launch", "recipe_path"]
@@ -133,22 +134,13 @@ def launch(recipe_file: str | Path, *, nproc: int = 1, resume: bool = False, ove
     return code
 
 
-def _die_with_parent() -> None:
-    """In the launcher's process: SIGTERM when this process dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """Run the launcher and wait for it; SIGTERM / SIGINT / SIGHUP to this process go to the
     launcher once (it stops its ranks), and this process waits for it: no orphans.  The launcher
     has its own session, so a terminal's Ctrl-C reaches it through here only, once.
-    Returns (exit code, whether a signal stopped it)."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    Returns (exit code, whether a signal stopped it); stopped by a signal, the exit code is the
+    shell's 128 + its number (143 for SIGTERM, 130 for Ctrl-C)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     signalled = []
 
     def forward(signum, _frame):
@@ -158,7 +150,8 @@ def _run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, b
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return proc.wait(), bool(signalled)
+        code = proc.wait()
+        return (128 + signalled[0] if signalled else code), bool(signalled)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
