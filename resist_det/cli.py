@@ -118,15 +118,19 @@ def export(
 
     try:
         saved, _ = load_global_model(checkpoint)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give the file to write, e.g. {out / 'model.pt'}")
+        atomic_torch_save(saved["model"], out)
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
-    atomic_torch_save(saved["model"], out)
+    except OSError as e:
+        raise _fail(f"--out {out}: cannot write it ({e.strerror or e})") from None
     typer.echo(f"wrote {len(saved['model'])} tensors to {out} (load with torch.load(path, weights_only=True))")
 
 
 @app.command()
 def plan(
-    workers: Annotated[int, typer.Option("--workers", "-S", min=1, help="Number of sub-ResNets (ranks).")] = 4,
+    workers: Annotated[int, typer.Option("--workers", "-S", min=1, max=4096, help="Number of sub-ResNets (ranks).")] = 4,
     model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth>, yolo-resnet<depth>, vit-tiny or a torchvision model name.")] = "cifar-resnet101",
     min_blocks: Annotated[Optional[int], typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet (resist.min_blocks; default: a fifth of the partitionable blocks).")] = None,
     sections: Annotated[Optional[str], typer.Option(help="Partitioned sections, comma-separated (resist.sections, e.g. layer3,layer4); default: the model's.")] = None,
@@ -224,7 +228,10 @@ def data_shapes(
     """Write a synthetic VOC-format set of coloured shapes (JPEGs, XML annotations, ImageSets)."""
     from .data.shapes import write_shapes_dataset
 
-    root = write_shapes_dataset(out, images, image_size=size, seed=seed)
+    try:
+        root = write_shapes_dataset(out, images, image_size=size, seed=seed)
+    except OSError as e:
+        raise _fail(f"--out {out}: cannot write the dataset there ({e.strerror or e}: {e.filename or out})") from None
     typer.echo(f"wrote {images} images to {root}")
 
 

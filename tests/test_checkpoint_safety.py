@@ -225,3 +225,43 @@ def test_resuming_a_finished_run_leaves_it_as_it_was(trained):
     result = _cli("train", recipe, "--nproc", "2", "--resume")
     assert result.exit_code == 0 and "has finished (all 1 epochs trained)" in " ".join(result.output.split()), result.output
     assert {p: p.read_bytes() for p in files} == files  # summary, log, checkpoints: untouched
+
+
+@pytest.mark.parametrize("content,msg", [
+    ('[1, 2]', "not a run's recipe"),
+    ('{"train": 5}', "not a run's recipe"),
+    ('{"train": ', "not valid JSON"),
+])
+def test_resume_with_a_malformed_run_recipe_is_one_line(trained, content, msg):
+    tmp, recipe = trained
+    saved = tmp / "run" / "recipe.json"
+    original = saved.read_text()
+    try:
+        saved.write_text(content)
+        result = _cli("train", recipe, "--nproc", "2", "--resume")
+        assert result.exit_code == 1 and msg in result.output and str(saved) in result.output, result.output
+        assert "Traceback" not in result.output
+    finally:
+        saved.write_text(original)
+
+
+@pytest.mark.parametrize("lines,msg", [
+    (['[1, 2]'], "line 1 is not a metrics record"),
+    (['{"event": "epoch", "epoch": 0, "wall": 1.0, "metrics": {"accuracy": 0.5}}'], "has no number for 'bytes'"),
+    (['{"event": "epoch", "epoch": 0, "bytes": "x", "wall": 1.0, "metrics": {"accuracy": 0.5}}'], "has no number for 'bytes'"),
+    (['{"event": '], "line 1 is not valid JSON"),
+])
+def test_plot_of_a_malformed_metrics_log_is_one_line(tmp_path, lines, msg):
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = _cli("plot", tmp_path, "--out", tmp_path / "p.png")
+    assert result.exit_code == 1 and msg in result.output and "metrics.jsonl" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "p.png").exists()
+
+
+def test_export_and_shapes_refuse_an_unwritable_out(trained, tmp_path):
+    tmp, _ = trained
+    result = _cli("export", tmp / "run", "--out", tmp_path)
+    assert result.exit_code == 1 and f"--out {tmp_path} is a folder" in result.output, result.output
+    result = _cli("data", "shapes", "--out", "/proc/no_such_place", "--images", "2")
+    assert result.exit_code == 1 and "--out /proc/no_such_place: cannot write" in result.output, result.output
+    assert "Traceback" not in result.output

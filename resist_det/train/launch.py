@@ -48,7 +48,12 @@ def check_same_recipe(recipe: Recipe) -> None:
     saved = Path(recipe.train.output_dir) / "recipe.json"
     if not saved.is_file():
         return
-    old = json.loads(saved.read_text())
+    from ..io import read_json_file
+
+    old = read_json_file(saved, "run's recipe")
+    if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
+        raise ValueError(f"{saved}: not a run's recipe (expected a JSON object of sections); restore it, or resume "
+                         "into a new train.output_dir")
     new = recipe.model_dump(mode="json")
     changed = sorted(
         f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))

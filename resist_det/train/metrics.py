@@ -72,7 +72,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics log at {path}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {n} is not a metrics record (a JSON object), got a {type(record).__name__}")
+        records.append(record)
+    return records
 
 
 class Progress:

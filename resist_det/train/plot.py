@@ -19,7 +19,15 @@ def run_curve(run_dir: str | Path) -> dict[str, Any]:
     points = [r for r in records if r.get("event") == "epoch" and r.get("metrics")]
     if not points:
         raise ValueError(f"{run_dir}: metrics.jsonl has no evaluated epoch to plot")
-    metric = next(m for m in _METRICS if m in points[0]["metrics"]) if any(m in points[0]["metrics"] for m in _METRICS) else "test_loss"
+    if not isinstance(points[0]["metrics"], dict):
+        raise ValueError(f"{run_dir}/metrics.jsonl: an epoch record's 'metrics' is not an object")
+    metric = next((m for m in _METRICS if m in points[0]["metrics"]), "test_loss")
+    for key, of in (("bytes", lambda p: p.get("bytes")), ("wall", lambda p: p.get("wall")),
+                    (metric, lambda p: p["metrics"].get(metric) if isinstance(p["metrics"], dict) else None)):
+        bad = next((p for p in points if not _is_number(of(p))), None)
+        if bad is not None:
+            raise ValueError(f"{run_dir}/metrics.jsonl: epoch {bad.get('epoch')} has no number for {key!r} "
+                             f"(got {of(bad)!r}); not a resist_det metrics log")
     return {
         "label": f"{start.get('mode', Path(run_dir).name)} (S={start.get('world_size', '?')})",
         "metric": metric,
@@ -27,6 +35,10 @@ def run_curve(run_dir: str | Path) -> dict[str, Any]:
         "wall": [p["wall"] for p in points],
         "value": [p["metrics"][metric] for p in points],
     }
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
