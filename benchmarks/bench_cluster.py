@@ -162,6 +162,8 @@ def main() -> int:
     ap.add_argument("--model", choices=["preact", "resnet18"], default="preact",
                     help="preact: the paper's shape (section 3 of 23 blocks); resnet18: stock torchvision, every section")
     ap.add_argument("--max-ratio", type=float, default=0.5, help="the check at the lowest rate: resist <= this x local SGD's time")
+    ap.add_argument("--max-ddp-ratio", type=float, default=0.2,
+                    help="the check at the lowest rate: resist <= this x DDP's time (0: DDP's time is reported, not checked)")
     ap.add_argument("--rates", default="500kbit,1mbit,50mbit,1gbit", help="comma-separated, lowest first (tc units)")
     ap.add_argument("--seeds", default="0,1", help="seeds at the lowest and the highest rate")
     ap.add_argument("--other-seeds", default="0", help="seeds at the other rates")
@@ -291,16 +293,17 @@ def main() -> int:
     checks = [
         (f"lowest rate ({low[0]}): resist <= {args.max_ratio} x local SGD's time to target",
          low[4] and low[5] and low[1] <= args.max_ratio * low[2]),
-        (f"final accuracy within 1.0 point of local SGD (mean of seeds; trained in full at {final[0]}, "
+        (f"final accuracy at most 1.0 point below local SGD's (mean of seeds; trained in full at {final[0]}, "
          f"bit-identical at every rate): resist {final[6].get('resist', math.nan):.2f}% local SGD "
          f"{final[6].get('local_sgd', math.nan):.2f}%",
-         abs(final[6].get("local_sgd", math.nan) - final[6].get("resist", math.nan)) <= 1.0) if final else
+         final[6].get("local_sgd", math.nan) - final[6].get("resist", math.nan) <= 1.0) if final else
         ("final accuracy within 1.0 point of local SGD: NOT MEASURED in this run (--full-at none: every run stopped at the target)", False),
         (f"wire / accounted bytes within 1 + {args.wire_tolerance} in every run (worst {1 + worst_wire:.3f})",
          worst_wire <= args.wire_tolerance),
     ]
-    if "ddp" in modes:
-        checks.insert(1, (f"lowest rate ({low[0]}): resist <= 0.2 x DDP's time to target", low[4] and low[1] <= 0.2 * low[3]))
+    if "ddp" in modes and args.max_ddp_ratio > 0:
+        checks.insert(1, (f"lowest rate ({low[0]}): resist <= {args.max_ddp_ratio} x DDP's time to target",
+                          low[4] and low[1] <= args.max_ddp_ratio * low[3]))
     if len(args.rates) > 1:
         checks.insert(-1, (f"highest rate ({high[0]}): resist no slower than local SGD to the target", high[4] and high[1] <= high[2]))
     if "resist_8bit" in low[7]:

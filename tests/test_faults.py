@@ -387,3 +387,38 @@ def test_no_rank_outlives_a_killed_launcher(tmp_path, victim):
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
         cli.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """The output folder fills up after the first checkpoint: the run stops, saying where there is
+    no space left; the complete checkpoint stays intact and ``latest`` unmoved."""
+    from resist_det.resist.checkpoint import verify_files
+
+    write_idx(tmp_path / "fmnist", n_train=48, n_test=16)
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(out)], check=True)
+    try:
+        recipe = _recipe(tmp_path, "small/run")
+        recipe["train"]["epochs"] = 50
+        path = tmp_path / "recipe.json"
+        path.write_text(json.dumps(recipe))
+        cli = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        latest = out / "run" / "checkpoints" / "latest"
+        assert wait_until(latest.is_file, 180, lambda: cli.poll() is None, poll=0.05)
+        with (out / "filler").open("wb") as f:  # fill what is left
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        text = cli.communicate(timeout=180)[0]
+        assert cli.returncode != 0 and f"train.output_dir {out / 'run'}: no space left on device" in text, text[-3000:]
+        assert "Traceback" not in text, text[-3000:]
+        tag = latest.read_text().strip()
+        verify_files(out / "run" / "checkpoints", tag)  # the last complete checkpoint is whole
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)

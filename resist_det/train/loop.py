@@ -358,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, not a traceback per rank
         report_failure(str(e))
         return 2
-    except RuntimeError as e:
-        lost = lost_peer(e)
+    except (RuntimeError, OSError) as e:
+        full = out_of_space(e, recipe.train.output_dir)
+        if full is not None:  # checked first: rank 0 stopped writing, so the others lost their peer
+            report_failure(full, every_rank=True)
+            return 4
+        lost = lost_peer(e) if isinstance(e, RuntimeError) else None
         if lost is None:
             raise
         # every rank that noticed says so: on a cluster, its own machine's log is what its owner reads
@@ -382,6 +386,22 @@ def report_failure(message: str, *, every_rank: bool = False) -> None:
     if error_file:  # the layout torchrun's error handler writes (no call stack: the message is the reason); "printed" is ours
         atomic_write_json(error_file, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}},
                                        "printed": printed})
+
+
+def out_of_space(error: BaseException, output_dir: str | Path) -> str | None:
+    """``"train.output_dir ...: no space left on device"`` when writing there failed for want of
+    space (an ``ENOSPC``, or torch's writer giving up on a filesystem that is now full), else None."""
+    import errno
+    import shutil
+
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
+    if not full:
+        try:  # torch.save reports a short write without the errno ("file write failed", "unexpected pos")
+            full = shutil.disk_usage(output_dir).free < (1 << 20) and any(
+                m in str(error) for m in ("write failed", "unexpected pos", "No space left"))
+        except OSError:
+            return None
+    return f"train.output_dir {output_dir}: no space left on device; free space there and resume (--resume)" if full else None
 
 
 # What gloo and NCCL say when a peer stopped answering or went away (torch's DistBackendError is a RuntimeError).
