@@ -169,34 +169,42 @@ class Recipe(_Strict):
         """The partitioned blocks training would take (counted from the depth tables), refused
         here as training would refuse them: a section without a partitionable block, a minimum
         depth above the blocks there are."""
-        r, m = self.resist, self.model
+        r = self.resist
         if r.block_pattern is not None:
             try:
                 re.compile(r.block_pattern)
             except re.error as e:
                 raise ValueError(f"resist.block_pattern {r.block_pattern!r} is not a valid regular expression: {e}") from None
             return
-        sections = {f"layer{i + 1}": n for i, n in enumerate(self.model.sections)}
+        counts = self.partition_counts()
+        if counts is None:
+            return
+        empty = [n for n, c in counts.items() if c < 1]
+        if empty and r.sections is not None:
+            raise ValueError(f"resist.sections: {empty[0]!r} has no partitionable block (its only block is strided); leave it out")
+        if sum(counts.values()) < 1:
+            raise ValueError(f"model: section 3 has {self.model.sections[2]} block, so ResIST has nothing to partition (its "
+                             "first block stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
+        n = sum(counts.values())
+        if r.min_blocks is not None and r.min_blocks > n:
+            raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable blocks of {', '.join(counts)} in this "
+                             f"model (model.layers / model.depth); got {r.min_blocks}")
+
+    def partition_counts(self) -> dict[str, int] | None:
+        """Partitionable blocks per partitioned section, from the depth tables (no torch): what
+        the engine will partition; ``None`` where only the built network can tell."""
+        r, m = self.resist, self.model
+        sections = {f"layer{i + 1}": n for i, n in enumerate(m.sections)}
         chosen = list(r.sections) if r.sections is not None else (list(sections) if m.kind == "resnet" else ["layer3"])
         for name in chosen:
             if name.rpartition(".")[2] not in sections:
                 raise ValueError(f"resist.sections: {name!r} is not a section of this model (layer1, layer2, layer3, layer4)")
         if m.kind != "resnet" and r.sections is not None:
-            return  # which pre-activation blocks keep their input's shape depends on widths: the ranks check
+            return None  # which pre-activation blocks keep their input's shape depends on widths: the ranks check
         # Each section keeps its first block (strided, or kept so that no sub-ResNet skips the
-        # section), except a ResNet-18/34 layer1 partitioned alone.
-        counts = {n: sections[n.rpartition(".")[2]] - (0 if len(chosen) == 1 and n.endswith("layer1") and m.kind == "resnet"
-                                                        and (m.depth or 101) < 50 else 1) for n in chosen}
-        empty = [n for n, c in counts.items() if c < 1]
-        if empty and r.sections is not None:
-            raise ValueError(f"resist.sections: {empty[0]!r} has no partitionable block (its only block is strided); leave it out")
-        if sum(counts.values()) < 1:
-            raise ValueError(f"model: section 3 has {sections['layer3']} block, so ResIST has nothing to partition (its first "
-                             "block stays shared); give section 3 more blocks, or use resist.mode 'local_sgd'")
-        n = sum(counts.values())
-        if r.min_blocks is not None and r.min_blocks > n:
-            raise ValueError(f"resist.min_blocks must be at most {n}, the partitionable blocks of {', '.join(chosen)} in this model "
-                             f"(model.layers / model.depth); got {r.min_blocks}")
+        # section), except a ResNet-18/34 layer1 partitioned alone, whose blocks all keep their shape.
+        whole = len(chosen) == 1 and m.kind == "resnet" and (m.depth or 101) < 50
+        return {n: sections[n.rpartition(".")[2]] - (0 if whole and n.endswith("layer1") else 1) for n in chosen}
 
     @property
     def batch_size(self) -> int:

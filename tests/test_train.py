@@ -1,5 +1,6 @@
 """The training loop, resume, the CLI's checks and the evaluation of saved global networks."""
 
+import hashlib
 import json
 import os
 import signal
@@ -269,21 +270,30 @@ def test_train_refuses_bad_input_before_starting(recipe_file, tmp_path, args, ms
 
 
 def test_recipe_check_counts_the_blocks_the_engine_partitions():
-    """The pre-launch check's section-3 count (torch-free) equals what the engine partitions."""
+    """The pre-launch check's count (torch-free, per section) equals what the engine partitions."""
     from resist_det.config import load_recipe
     from resist_det.models import preact_resnet, yolo_resnet
-    from resist_det.depths import partitionable_count
+    from resist_det.models.resnet import resnet
     from resist_det.resist.partition import partitionable_blocks
     from resist_det.train.launch import recipe_path
 
+    stock = {"model": {"kind": "resnet", "depth": 18}}
     for name, sets in [("fashion_mnist_resist", {}), ("demo_shapes", {}), ("voc_resist", {"model.depth": 50}),
-                       ("cifar10_resist", {"model.layers": [2, 1, 7, 1]}), ("imagenet_resist", {})]:
-        m = load_recipe(recipe_path(name), sets).model
+                       ("cifar10_resist", {"model.layers": [2, 1, 7, 1]}), ("imagenet_resist", {}),
+                       ("fashion_mnist_resist", {**stock, "resist.min_blocks": 1}),
+                       ("fashion_mnist_resist", {"model": {"kind": "resnet", "depth": 50}}),
+                       ("fashion_mnist_resist", {**stock, "resist.sections": ["layer1"], "resist.min_blocks": 1}),
+                       ("fashion_mnist_resist", {**stock, "resist.sections": ["layer2", "layer4"], "resist.min_blocks": 1})]:
+        recipe = load_recipe(recipe_path(name), sets)
+        m = recipe.model
         if m.kind == "yolo":
             model = yolo_resnet(m.depth, num_classes=2, device="meta")
+        elif m.kind == "resnet":
+            model = resnet(m.depth, num_classes=2, device="meta")
         else:
             model = preact_resnet(m.depth if m.layers is None else None, layers=m.layers, block=m.block, device="meta")
-        assert partitionable_count(m.sections) == len(partitionable_blocks(model, None)), name
+        names = partitionable_blocks(model, None, recipe.resist.sections)
+        assert sum(recipe.partition_counts().values()) == len(names), (name, sets)
 
 
 def test_resume_refuses_other_world_size_or_recipe(recipe_file, tmp_path):
@@ -295,7 +305,9 @@ def test_resume_refuses_other_world_size_or_recipe(recipe_file, tmp_path):
     from resist_det.config import load_recipe
 
     saved = load_recipe(recipe_file).resist.model_dump(mode="json")
-    (ckpt / "epoch0000" / "resist.json").write_text(json.dumps({"world_size": 2, "resist": {**saved, "local_steps": 9}, "files": {}}))
+    empty = {"bytes": 0, "sha256": hashlib.sha256(b"").hexdigest()}
+    files = {f"resist_rank{r:02d}.pt": empty for r in range(2)}
+    (ckpt / "epoch0000" / "resist.json").write_text(json.dumps({"world_size": 2, "resist": {**saved, "local_steps": 9}, "files": files}))
     before = _snapshot(tmp_path / "run")
     result = CliRunner().invoke(app, ["train", str(recipe_file), "--nproc", "3", "--resume"])
     assert result.exit_code == 1 and "written by 2 ranks, but this run has 3" in result.output
