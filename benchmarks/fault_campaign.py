@@ -39,7 +39,7 @@ import torch
 ORPHAN_SECONDS = 10
 
 
-def write_idx(folder: Path, n_train: int = 96, n_test: int = 32) -> None:
+def write_idx(folder: Path, n_train: int = 768, n_test: int = 64) -> None:
     """A tiny IDX set: the label is the brightest quadrant of a noisy image."""
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,10 @@
 
 import sys
 
-from .loop import main
+from .lifetime import bind_rank_to_launcher
+
+bind_rank_to_launcher()  # first, before the imports of torch and DeepSpeed (seconds, during which the launcher may die)
+
+from .loop import main  # noqa: E402
 
 sys.exit(main())

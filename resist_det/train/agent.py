@@ -9,6 +9,7 @@ what is left to say is which rank ended and how (and why, where only another ran
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from .lifetime import AGENT_PID_ENV
+
+    os.environ[AGENT_PID_ENV] = str(os.getpid())  # the parent each rank checks it still has (train/lifetime.py)
     try:  # torchrun's ``main`` without its ``@record`` wrapper, which would re-log the ranks' error files
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:

@@ -344,10 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
-    if "RANK" in os.environ or "LOCAL_RANK" in os.environ or args.local_rank is not None:
-        from .lifetime import die_with_parent
+    if args.local_rank is not None:  # (under torchrun and resist-det, python -m resist_det.train bound it already)
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from .lifetime import bind_rank_to_launcher
 
-        die_with_parent()  # a rank of a launcher that died would train on as an orphan, holding the run's lock
+    bind_rank_to_launcher()  # a rank of a launcher that died would train on as an orphan, holding the run's lock
     try:
         recipe = load_recipe(args.recipe, parse_overrides(args.set))
     except (FileNotFoundError, ValueError) as e:
