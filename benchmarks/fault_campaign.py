@@ -12,7 +12,9 @@ Then, each in a fresh output folder:
   each followed by ``resist-det train --resume`` (a fresh start when no checkpoint is complete
   yet), until the run finishes;
 * ``--agent N``: N SIGKILLs of torchrun's agent alone, under ``--max-restarts N``;
-* ``--rank N``: N SIGKILLs of one rank alone, under ``--max-restarts N``.
+* ``--rank N``: N SIGKILLs of one rank alone, under ``--max-restarts N``;
+* ``--lock-trials N``: N times, 6 processes take over one stale run lock (left by a dead PID) at
+  the same moment: exactly one may win each time.
 
 Each campaign must end with a global model equal to the reference tensor for tensor; after every
 kill no process of the run may outlive its launcher by more than 10 s, and the run's lock must
@@ -167,11 +169,51 @@ def one_process_campaign(path: Path, out: Path, kills: int, which: str, duration
     return proc.wait() == 0, worst, done
 
 
+def _race(folder: str, barrier, results) -> None:
+    from resist_det.train.run_lock import RunLock
+
+    lock = RunLock(folder)
+    barrier.wait()
+    try:
+        lock.acquire()
+        won = True
+    except ValueError:
+        won = False
+    barrier.wait()  # every contender has tried while the winner still holds the lock
+    lock.release()
+    results.put(won)
+
+
+def lock_trials(tmp: Path, trials: int, say) -> bool:
+    """``trials`` simultaneous takeovers of a stale lock by 6 processes: one winner each time?"""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    bad = 0
+    for trial in range(trials):
+        folder = tmp / "locks" / str(trial)
+        folder.mkdir(parents=True)
+        (folder / ".resist_det.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid, "since": "then"}))
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(str(folder), barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        wins = sum(results.get(timeout=30) for _ in procs)
+        for p in procs:
+            p.join(timeout=30)
+        bad += wins != 1
+    say(f"lock: {trials} simultaneous takeovers of a stale lock by 6 processes; trials without exactly one winner: {bad}")
+    return bad == 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tree", type=int, default=20)
     ap.add_argument("--agent", type=int, default=5)
     ap.add_argument("--rank", type=int, default=5)
+    ap.add_argument("--lock-trials", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--record", type=Path)
@@ -187,6 +229,13 @@ def main() -> int:
     checks = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.lock_trials:
+            checks.append((f"lock: one winner in each of {args.lock_trials} simultaneous takeovers",
+                           lock_trials(tmp, args.lock_trials, say)))
+        if not (args.tree or args.agent or args.rank):
+            for what, ok in checks:
+                say(f"{'PASS' if ok else 'FAIL'}  {what}")
+            return _record(args, lines, checks)
         write_idx(tmp / "data")
         ref_path = tmp / "reference.json"
         ref_path.write_text(json.dumps(recipe(tmp / "data", tmp / "reference", args.epochs)))
@@ -218,6 +267,10 @@ def main() -> int:
                            and _lock_free(out)))
     for what, ok in checks:
         say(f"{'PASS' if ok else 'FAIL'}  {what}")
+    return _record(args, lines, checks)
+
+
+def _record(args: argparse.Namespace, lines: list[str], checks: list[tuple[str, bool]]) -> int:
     if args.record:
         args.record.parent.mkdir(parents=True, exist_ok=True)
         tmp_record = args.record.with_suffix(".tmp")
