@@ -13,7 +13,7 @@ Then, each in a fresh output folder:
   yet), until the run finishes;
 * ``--agent N``: N SIGKILLs of torchrun's agent alone, under ``--max-restarts N``;
 * ``--rank N``: N SIGKILLs of one rank alone, under ``--max-restarts N``;
-* ``--lock-trials N``: N times, 6 processes take over one stale run lock (left by a dead PID) at
+* ``--lock-trials N`` (default 0): N times, 6 processes take over one stale run lock (left by a dead PID) at
   the same moment: exactly one may win each time.
 
 Each campaign must end with a global model equal to the reference tensor for tensor; after every
@@ -213,7 +213,7 @@ def main() -> int:
     ap.add_argument("--tree", type=int, default=20)
     ap.add_argument("--agent", type=int, default=5)
     ap.add_argument("--rank", type=int, default=5)
-    ap.add_argument("--lock-trials", type=int, default=1000)
+    ap.add_argument("--lock-trials", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--record", type=Path)
