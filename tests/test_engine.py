@@ -234,10 +234,14 @@ def _degenerate_vs_local_sgd(rank, world):
     import resist_det
 
     out = {}
-    for mode, min_blocks in (("resist", 6), ("local_sgd", None)):  # 6 of 6 blocks: every rank holds every block
+    # 6 of 6 blocks: every rank holds every block.  "resist_meta": built on the meta device, as the
+    # training loop builds ResIST models, materialised from resist.seed.
+    for mode, min_blocks in (("resist", 6), ("local_sgd", None), ("resist_meta", 6)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            engine, *_ = resist_det.initialize(model=_net(seed=5), config=_cfg(mode=mode, local_steps=2, min_blocks=min_blocks))
+            net = _net(seed=5, device="meta") if mode == "resist_meta" else _net(seed=5)
+            cfg = _cfg(mode=mode.removesuffix("_meta"), local_steps=2, min_blocks=min_blocks, seed=5)
+            engine, *_ = resist_det.initialize(model=net, config=cfg)
         _train(engine, 5, torch.Generator().manual_seed(rank))
         engine.synchronize()
         out[mode] = dict(bytes=engine.bytes_sent, rounds=engine.round, state=engine.module.state_dict(),
@@ -249,6 +253,8 @@ def test_degenerate_plan_syncs_exactly_as_local_sgd(tmp_path):
     res = run_on_ranks(_degenerate_vs_local_sgd, 2, tmp_path)
     for rank, r in enumerate(res):
         resist, local = r["resist"], r["local_sgd"]
+        assert r["resist_meta"]["bytes"] == local["bytes"]
+        assert all(torch.equal(r["resist_meta"]["state"][k], local["state"][k]) for k in local["state"])
         assert resist["rounds"] == local["rounds"] == 3
         assert resist["bytes"] == local["bytes"] > 0  # one all-reduce of everything, no routing
         assert resist["state"].keys() == local["state"].keys()  # the user's module, unchanged

@@ -28,6 +28,7 @@ from .partition import section_of
 from .plan import blocks_per_worker, check_plan_args, degenerate_plan, make_plan, resolve_min_blocks
 from .optimizer_state import adaptive_optimizer
 from .strategies import make_strategy
+from .seeding import init_network_
 from .subnet import make_sub_resnet
 
 __all__ = ["initialize"]
@@ -198,6 +199,13 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc
         # routing), never with more bytes.
         if rank == 0:
             warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
+        if any(p.is_meta for p in model.parameters()):  # materialised whole, each unit from resist.seed
+            if isinstance(optimizer, torch.optim.Optimizer) or (model_parameters is not None and any(
+                    isinstance(g, dict) for g in model_parameters)):
+                raise ValueError("a client optimizer or parameter groups cannot refer to a model on the meta device; "
+                                 "build it on a real device")
+            init_network_(model.to_empty(device="cpu"), rc.seed)
+            model_parameters = None  # the meta parameters were replaced
         if model_parameters is None:
             model_parameters = [p for p in model.parameters() if p.requires_grad]
         return model, model_parameters, {}, []
