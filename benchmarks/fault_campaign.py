@@ -28,31 +28,17 @@ import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from resist_det.data.idx import write_quadrant_idx
+
 ORPHAN_SECONDS = 10
-
-
-def write_idx(folder: Path, n_train: int = 768, n_test: int = 64) -> None:
-    """A tiny IDX set: the label is the brightest quadrant of a noisy image."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 4, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, lab in enumerate(labels):
-            r, c = divmod(int(lab), 2)
-            images[i, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 150
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
 
 
 def recipe(data: Path, out: Path, epochs: int) -> dict:
@@ -236,7 +222,7 @@ def main() -> int:
             for what, ok in checks:
                 say(f"{'PASS' if ok else 'FAIL'}  {what}")
             return _record(args, lines, checks)
-        write_idx(tmp / "data")
+        write_quadrant_idx(tmp / "data", n_train=768, n_test=64)
         ref_path = tmp / "reference.json"
         ref_path.write_text(json.dumps(recipe(tmp / "data", tmp / "reference", args.epochs)))
         t = time.monotonic()

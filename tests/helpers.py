@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,14 +116,6 @@ def kill_when_stopped(pid_file: Path, timeout: float, keep_waiting: Callable[[],
 
 def write_idx(folder, n_train=64, n_test=32, seed=0):
     """A tiny Fashion-MNIST in its IDX form: the label is the brightest quadrant of a noisy image."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 4, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, lab in enumerate(labels):
-            r, c = divmod(int(lab), 2)
-            images[i, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 150
-        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-    return folder
+    from resist_det.data.idx import write_quadrant_idx
+
+    return write_quadrant_idx(folder, n_train, n_test, seed)

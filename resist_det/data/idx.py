@@ -8,6 +8,7 @@ Debian package location :data:`DEBIAN_FASHION_MNIST_DIR`).
 from __future__ import annotations
 
 import gzip
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .classification_base import (
     _InMemoryImages,
 )
 
-__all__ = ["DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "IDXDataset", "read_idx"]
+__all__ = ["DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "IDXDataset", "read_idx", "write_quadrant_idx"]
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's ``dataset-fashion-mnist`` package installs the four ``*-ubyte.gz`` files."""
@@ -158,3 +159,20 @@ def _resolve_idx_folder(kind: str, root: PathLike | None, split: str) -> Path:
         f"(each optionally .gz); looked in {looked}. {_NEVER_DOWNLOADED}: put the IDX files "
         f"in {Path(root).expanduser() if root is not None else 'a folder'} and pass it as root.{hint}"
     )
+
+
+def write_quadrant_idx(folder: PathLike, n_train: int = 64, n_test: int = 32, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST-shaped set in IDX form (for tests and smoke runs; datasets are never
+    downloaded): 28x28 noise whose label (0-3) is its brightest quadrant."""
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, lab in enumerate(labels):
+            r, c = divmod(int(lab), 2)
+            images[i, r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] += 150
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return folder
