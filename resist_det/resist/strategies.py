@@ -246,6 +246,10 @@ class ResIST(Strategy):
                 self._release_slot(i)
             else:
                 sec.allocate(j)
+        self._assign(layout)
+
+    def _assign(self, layout: list[int | None]) -> None:
+        """Record the flat slot layout in each section (storage already as it should be)."""
         at = 0
         for sec in self.sections:
             sec.assign(layout[at: at + len(sec.slots)])
@@ -305,7 +309,7 @@ class ResIST(Strategy):
                                         tensors=lambda m: self._with_state(block_tensors(m), list(m.parameters())),
                                         codec=self.codec, generator=self.rounding, slot_section=slot_section,
                                         section_of=self.block_section, prepare=self._prepare_slot, release=self._release_slot)
-        self._set_layout(slot_blocks)
+        self._assign(slot_blocks)  # (route_blocks gave and dropped the storage)
         self.plan = new
         arrived = [slots[i] for i, (a, b) in enumerate(zip(before, slot_blocks)) if b is not None and a != b]
         self._reset_optimizer_state(arrived)
