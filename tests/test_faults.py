@@ -160,6 +160,48 @@ def test_simultaneous_takeovers_of_a_stale_lock_have_exactly_one_winner(tmp_path
     assert said == [f"lock: {RACE_TRIALS} simultaneous takeovers of a stale lock by 6 processes; trials without exactly one winner: 0"]
 
 
+# Loaded by every Python process of the run through PYTHONPATH; only rank 1 acts on it, and only
+# once at each point (a PID file marks the point as done, for the test to SIGKILL that PID):
+# - once the first checkpoint is complete, at its next sync, after the shared layers are averaged
+#   and before the blocks are routed (FAULT_PID_FILE);
+# - after that, halfway through writing its own file of epoch 2's checkpoint (FAULT_SAVE_PID_FILE).
+_STOP_IN_SYNC_AND_SAVE = """
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("FAULT_PID_FILE"):
+    import io
+    import signal
+    from pathlib import Path
+
+    import torch
+
+    import resist_det.resist.checkpoint as checkpoint
+    import resist_det.resist.strategies as strategies
+
+    def stop_here(pid_file):
+        pid_file.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    real_route, real_save = strategies.route_blocks, checkpoint.atomic_torch_save
+    in_sync, in_save = Path(os.environ["FAULT_PID_FILE"]), Path(os.environ["FAULT_SAVE_PID_FILE"])
+
+    def route_blocks(*args, **kwargs):
+        if Path(os.environ["FAULT_AFTER"]).is_file() and not in_sync.exists():
+            stop_here(in_sync)
+        return real_route(*args, **kwargs)
+
+    def atomic_torch_save(obj, path):
+        if in_sync.exists() and not in_save.exists() and "epoch0001" in str(path):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            with open(path.with_name(f".{path.name}.killed.tmp"), "wb") as f:
+                f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            stop_here(in_save)
+        return real_save(obj, path)
+
+    strategies.route_blocks, checkpoint.atomic_torch_save = route_blocks, atomic_torch_save
+"""
+
+
 def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path):
     """Rank 1 SIGKILLed three times (by PID, from the test) under --max-restarts 3: after the first
     checkpoint, inside a sync, between the shared-layer average and the block routing; after that
