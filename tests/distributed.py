@@ -48,16 +48,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world_size: int, workdir: str, port: int, args: tuple) -> None:
+def _worker(fn: Callable, rank: int, world_size: int, workdir: str, port: int, args: tuple, nodes: int = 1) -> None:
+    per_node = world_size // nodes
     os.environ.update(
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
+        LOCAL_RANK=str(rank % per_node),
         WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(per_node),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    if nodes > 1:  # as torchrun sets it on each machine of a multi-node job
+        os.environ["GROUP_RANK"] = str(rank // per_node)
     out = Path(workdir) / f"rank{rank}"
     try:
         import torch
@@ -76,16 +79,21 @@ def _worker(fn: Callable, rank: int, world_size: int, workdir: str, port: int, a
         raise SystemExit(1)
 
 
-def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank."""
+def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any, timeout: float = 240.0, nodes: int = 1) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+
+    With ``nodes`` > 1 the ranks are told (as torchrun tells them) that they run on ``nodes``
+    machines of equal size, ranks in order: ``GROUP_RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``."""
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size must be in 1..8, but got {world_size}")
+    if world_size % nodes:
+        raise ValueError(f"{world_size} ranks do not split into {nodes} machines of equal size")
     workdir = Path(tmp_path) / f"dist-{fn.__name__}-{world_size}"
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     ctx = _context()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, str(workdir), port, args), daemon=False)
+        ctx.Process(target=_worker, args=(fn, r, world_size, str(workdir), port, args, nodes), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -19,6 +19,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from .config import ResISTConfig, check_deepspeed_config, split_config
@@ -30,6 +31,7 @@ from .optimizer_state import adaptive_optimizer
 from .strategies import make_strategy
 from .seeding import init_network_
 from .subnet import make_sub_resnet
+from .topology import MachineGroups, Topology, build_topology
 
 __all__ = ["initialize"]
 
@@ -73,20 +75,32 @@ def initialize(
     check_deepspeed_config(ds_config, rc.mode)
     _init_process_group()
     _check_same_config(rc)
+    topology = build_topology(rc.topology, rc.mode)
+    if topology.node and mpu is not None:
+        raise ValueError("resist.topology 'node' makes each machine's ranks DeepSpeed's data-parallel group through its own "
+                         "mpu, and cannot be combined with a model-parallel mpu; use resist.topology 'rank'")
     grad_clip = _take_over_clipping(ds_config, rc.mode)
 
     sub: dict[str, Any] = {}
     stash: list[dict[str, torch.Tensor]] = []
     if rc.mode == "resist":
-        model, model_parameters, sub, stash = _make_sub_resnet(model, model_parameters, optimizer, rc)
+        model, model_parameters, sub, stash = _make_sub_resnet(model, model_parameters, optimizer, rc, topology)
     elif model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
+    if topology.node:
+        mpu = MachineGroups(topology)
+    elif isinstance(ds_groups.mpu, MachineGroups):  # DeepSpeed keeps an earlier engine's mpu in a global
+        ds_groups.mpu = None
     engine, optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=model_parameters, training_data=training_data,
         lr_scheduler=lr_scheduler, distributed_port=distributed_port, mpu=mpu, dist_init_required=dist_init_required,
         collate_fn=collate_fn, config=ds_config, mesh_param=mesh_param,
     )
+    if topology.node:
+        # Every machine's local rank 0 is a data-parallel rank 0 and would write DeepSpeed's one
+        # model file; rank 0 writes it, the others their own rank files (engine.save_checkpoint).
+        engine.save_non_zero_checkpoint = topology.rank == 0
     # deepspeed.initialize broadcast every parameter from rank 0 (the slots empty on every rank,
     # so the structures matched): give this rank's own blocks back.
     if stash:
@@ -94,8 +108,9 @@ def initialize(
             sec.allocate(i)
             sec.slots[i].load_state_dict(state)
     if rc.mode != "ddp":
-        engine.enable_backward_allreduce = False
-    strategy = make_strategy(rc, engine.module, engine.optimizer, dist.get_rank(), dist.get_world_size(),
+        # DeepSpeed all-reduces gradients only inside a machine of several ranks (topology node)
+        engine.enable_backward_allreduce = topology.node and topology.local_size > 1
+    strategy = make_strategy(rc, engine.module, engine.optimizer, topology,
                              **({**sub, "deepspeed_engine": engine} if sub else {}))
     if rc.momentum == "restart" and strategy.has_rounds and adaptive_optimizer(engine.optimizer) and dist.get_rank() == 0:
         warnings.warn(
@@ -179,7 +194,7 @@ def _block_sizes(model: nn.Module, names: list[str]) -> list[int]:
             for n in names]
 
 
-def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig):
+def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig, topology: Topology):
     """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the
     strategy's arguments (empty when the plan degenerates into local SGD), and a copy of its
     blocks to restore after DeepSpeed's broadcast."""
@@ -190,14 +205,14 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc
             + (f" or blocks matching {rc.block_pattern!r}" if rc.block_pattern else "")
             + "); use resist.mode 'local_sgd' for this model, or set resist.sections or resist.block_pattern"
         )
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world, rank = topology.workers, topology.worker  # the plan's workers: ranks, or machines
     min_blocks = resolve_min_blocks(rc.min_blocks, len(names))
     check_plan_args(world, len(names), min_blocks)
     reason = degenerate_plan(world, len(names), min_blocks)
     if reason:
         # Every sub-ResNet would hold every block: sync as local SGD does (one all-reduce, no
         # routing), never with more bytes.
-        if rank == 0:
+        if topology.rank == 0:
             warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
         if any(p.is_meta for p in model.parameters()):  # materialised whole, each unit from resist.seed
             if isinstance(optimizer, torch.optim.Optimizer) or (model_parameters is not None and any(

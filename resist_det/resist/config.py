@@ -46,6 +46,9 @@ class ResISTConfig(BaseModel):
     min_blocks: int | None = Field(None, ge=1, description="minimum partitioned blocks per sub-ResNet (paper: 5; ImageNet 10); "
                                    "default: a fifth of the partitionable blocks, rounded up (5 of the paper's 22)")
     seed: int = Field(0, ge=0, description="seed of the partition plans")
+    topology: Literal["rank", "node", "auto"] = Field(
+        "auto", description="ResIST workers: every rank, or every machine (its ranks data-parallel replicas of one "
+        "sub-network); auto: node when the job spans 2+ machines of several ranks each")
     scale: Literal["inclusion", "inverse_s"] = Field("inclusion", description="residual scaling of the global network")
     momentum: Literal["auto", "restart", "keep", "average"] = Field(
         "auto", description="optimizer state at each round: restart (paper, for SGD momentum), keep (arriving blocks start "

@@ -83,6 +83,16 @@ class ResISTEngine:
         return self.deepspeed_engine.module
 
     @property
+    def topology(self) -> Any:
+        """Who the workers are (:class:`~resist_det.resist.topology.Topology`: ranks or machines)."""
+        return self.strategy.topology
+
+    @property
+    def nic_bytes(self) -> int:
+        """Of :attr:`bytes_sent`, what this rank sent to ranks on other machines (over its machine's NIC)."""
+        return self.strategy.topology.nic_sent
+
+    @property
     def optimizer(self) -> Any:
         return self.deepspeed_engine.optimizer
 
@@ -212,7 +222,8 @@ class ResISTEngine:
     def state_dict(self) -> dict[str, Any]:
         """ResIST state for ``save_checkpoint(..., client_state={"resist": engine.state_dict()})``."""
         return {"schedule": self.schedule.state_dict(), "strategy": self.strategy.state_dict(),
-                "bytes_sent": self.bytes_sent, "world_size": self.world_size,
+                "bytes_sent": self.bytes_sent, "nic_bytes": self.nic_bytes, "world_size": self.world_size,
+                "topology": {"kind": self.topology.kind, "machine_of": list(self.topology.machine_of)},
                 "resist": self.config.model_dump(mode="json")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -221,9 +232,14 @@ class ResISTEngine:
             raise ValueError(f"ResIST state was saved with world size {state['world_size']}, but this run has {self.world_size}")
         if state["resist"] != self.config.model_dump(mode="json"):
             raise ValueError("ResIST state was saved with a different 'resist' config section")
+        saved = state.get("topology", {"kind": "rank"})
+        if saved["kind"] != self.topology.kind or saved.get("machine_of", self.topology.machine_of) != list(self.topology.machine_of):
+            raise ValueError(f"ResIST state was saved with resist.topology {saved['kind']!r} on machines {saved.get('machine_of')}, "
+                             f"but this run is {self.topology.kind!r} on {list(self.topology.machine_of)}: resume on the same machines")
         self.strategy.load_state_dict(state["strategy"], state["schedule"]["rounds"])
         self.schedule.load_state_dict(state["schedule"])
         self.bytes_sent = state["bytes_sent"]
+        self.strategy.topology.nic_sent = state.get("nic_bytes", 0)
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None, **kwargs: Any) -> bool:
         """DeepSpeed's checkpoint (ResIST state in ``client_state["resist"]``) plus one file per

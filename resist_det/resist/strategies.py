@@ -30,6 +30,7 @@ from .partition import section_of
 from .plan import Plan, inclusion_probability, iter_plans, resolve_min_blocks
 from .seeding import mix_seed
 from .subnet import SlottedSection, block_tensors, get_submodule_parent
+from .topology import Topology
 from .sync import average_tensors, gather_blocks, route_blocks
 from .sparse import SparseAverager
 from .transport import Codec
@@ -44,16 +45,26 @@ class Strategy:
     #: Whether this mode has rounds (a schedule of local steps and syncs).
     has_rounds = True
 
-    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int) -> None:
+    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, topology: Topology) -> None:
         self.config = config
         self.module = module
         self.optimizer = optimizer
-        self.rank = rank
-        self.world_size = world_size
+        self.topology = topology
+        self.rank = topology.rank
+        self.world_size = topology.world
+
+    @property
+    def workers(self) -> int:
+        """S: ranks, or machines with topology ``node``."""
+        return self.topology.workers
 
     def bytes_per_step(self) -> int:
-        """Bytes this rank sends inside one optimizer step (not at a sync)."""
-        return 0
+        """Bytes this rank sends inside one optimizer step (not at a sync): with topology ``node``,
+        DeepSpeed's gradient all-reduce over the machine's ranks."""
+        if self.topology.local_size == 1 or not self.topology.node:
+            return 0
+        grads = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
+        return allreduce_cost(grads, self.topology.local_size)
 
     def sync(self, round_index: int, switch: bool) -> int:
         """End round ``round_index``; returns the bytes this rank sent.  Collective."""
@@ -98,11 +109,19 @@ class Strategy:
             out += [b for b in self.module.buffers() if b.is_floating_point() and id(b) not in held]
         return out
 
+    def _agree_inside(self) -> int:
+        """Topology ``node``: a machine's replicas hold equal weights and moments (DeepSpeed
+        all-reduced every gradient inside it) but their own BN statistics; average those inside
+        the machine first, so the sync starts from one copy per machine."""
+        if not self.topology.node:
+            return 0
+        return self.topology.inner_mean([b for b in self.module.buffers() if b.is_floating_point()])
+
     def _average(self, tensors: list[torch.Tensor]) -> int:
         bucket = int(self.config.bucket_mb * 2**20)
-        sparse = self.sparse
+        sparse, top = self.sparse, self.topology
         if sparse is None:
-            return average_tensors(tensors, bucket_bytes=bucket, codec=self.codec, generator=self.rounding)
+            return average_tensors(tensors, bucket_bytes=bucket, codec=self.codec, generator=self.rounding, topology=top)
         # Top-k with error feedback suits trainable weights, whose changes add up over rounds.  BN
         # statistics and optimizer moments move towards a target within each round (residuals of
         # those would pile up and overshoot), so they travel dense (quantised with ``bits``).
@@ -111,9 +130,9 @@ class Strategy:
         rest = [t for t in tensors if names.get(t.data_ptr()) is None]
         key = hashlib.sha256("\0".join(names[t.data_ptr()] for t in weights).encode()).hexdigest()[:16]
         sent = average_tensors(weights, bucket_bytes=1 << 62, codec=self.codec, generator=self.rounding,
-                               sparse=sparse, sparse_key=key)
+                               sparse=sparse, sparse_key=key, topology=top)
         sparse.keep_only(key)  # the set of averaged weights changed (warm-up ended): older states are void
-        return sent + average_tensors(rest, bucket_bytes=bucket, codec=self.codec, generator=self.rounding)
+        return sent + average_tensors(rest, bucket_bytes=bucket, codec=self.codec, generator=self.rounding, topology=top)
 
     @property
     def sparse(self) -> SparseAverager | None:
@@ -161,7 +180,7 @@ class DataParallel(Strategy):
 
     def bytes_per_step(self) -> int:
         grads = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
-        return allreduce_cost(grads, self.world_size)  # DeepSpeed's gradient all-reduce, ring costing
+        return self.topology.ring_cost(grads)  # DeepSpeed's gradient all-reduce over every rank, ring costing
 
     def sync(self, round_index: int, switch: bool) -> int:
         return 0
@@ -173,7 +192,8 @@ class LocalSGD(Strategy):
     mode = "local_sgd"
 
     def sync(self, round_index: int, switch: bool) -> int:
-        sent = self._average(self._with_state(self.shared_tensors(self._with_bn(round_index)), self._shared_params()))
+        sent = self._agree_inside()
+        sent += self._average(self._with_state(self.shared_tensors(self._with_bn(round_index)), self._shared_params()))
         self._reset_optimizer_state([])
         return sent
 
@@ -186,10 +206,10 @@ class ResIST(Strategy):
 
     mode = "resist"
 
-    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int, *,
+    def __init__(self, config: ResISTConfig, module: nn.Module, optimizer: Any, topology: Topology, *,
                  block_names: list[str], sections: list[tuple[str, SlottedSection]], slots_per_section: list[int],
                  block_sizes: list[int], deepspeed_engine: Any = None) -> None:
-        super().__init__(config, module, optimizer, rank, world_size)
+        super().__init__(config, module, optimizer, topology)
         self.block_names = block_names
         self.section_names = [n for n, _ in sections]
         self.sections = [s for _, s in sections]
@@ -275,13 +295,13 @@ class ResIST(Strategy):
     def residual_scale(self) -> float:
         c = self.config
         if c.scale == "inverse_s":
-            return 1.0 / self.world_size
-        return inclusion_probability(self.world_size, len(self.block_names), self.min_blocks)
+            return 1.0 / self.workers
+        return inclusion_probability(self.workers, len(self.block_names), self.min_blocks)
 
     # ---- rounds --------------------------------------------------------------------------
     def _restart_plans(self, plan_round: int) -> None:
         c = self.config
-        self._plans = iter_plans(c.seed, self.world_size, len(self.block_names), self.min_blocks, start=plan_round,
+        self._plans = iter_plans(c.seed, self.workers, len(self.block_names), self.min_blocks, start=plan_round,
                                  sizes=self.block_sizes)
         self.plan = next(self._plans)
 
@@ -292,20 +312,21 @@ class ResIST(Strategy):
     @torch.no_grad()
     def sync(self, round_index: int, switch: bool) -> int:
         with_bn = self._with_bn(round_index)
+        sent = self._agree_inside()
         if self.in_warmup:  # local SGD on the whole network
-            sent = self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params()))
+            sent += self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params()))
             if switch:
                 self._restart_plans(0)
-                self._end_warmup(list(self.plan.groups[self.rank]))
+                self._end_warmup(list(self.plan.groups[self.topology.worker]))
                 self.resist_start = round_index + 1
             self._reset_optimizer_state([])
             return sent
-        sent = self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params(skip=self.slots)))
+        sent += self._average(self._with_state(self.shared_tensors(with_bn), self._shared_params(skip=self.slots)))
         new = next(self._plans)
         before = self.slot_blocks
         slots = self.slots
         slot_section = [s for s, sec in enumerate(self.sections) for _ in sec.slots]
-        slot_blocks, p2p = route_blocks(slots, before, self.plan, new, self.rank,
+        slot_blocks, p2p = route_blocks(slots, before, self.plan, new, self.topology,
                                         tensors=lambda m: self._with_state(block_tensors(m), list(m.parameters())),
                                         codec=self.codec, generator=self.rounding, slot_section=slot_section,
                                         section_of=self.block_section, prepare=self._prepare_slot, release=self._release_slot)
@@ -320,7 +341,7 @@ class ResIST(Strategy):
         if any(sec.slot_blocks != list(sec.blocks) for sec in self.sections):
             raise ValueError("the local-SGD warm-up needs every partitioned block in a slot (build the engine with resist_det.initialize)")
         n = len(self.block_names)
-        self.plan = Plan(round=-1, groups=(tuple(range(n)),) * self.world_size)  # every rank holds every block
+        self.plan = Plan(round=-1, groups=(tuple(range(n)),) * self.workers)  # every rank holds every block
         for slot in self.slots:
             set_branch_scale(slot, self.residual_scale())  # paper footnote 2: scaled as in the global network
 
@@ -354,7 +375,7 @@ class ResIST(Strategy):
         blocks: list[nn.Module] = []
         if self.rank == dst:
             blocks = [self.sections[s].new_block() for s in self.block_section]
-        sent = gather_blocks(self.slots, self.slot_blocks, self.plan, self.rank, dst, blocks)
+        sent = gather_blocks(self.slots, self.slot_blocks, self.plan, self.topology, dst, blocks)
         if self.rank != dst:
             return None, sent
         # A copy of the user's network around the original sections (each an nn.Sequential).
@@ -402,10 +423,10 @@ class ResIST(Strategy):
         self.resist_start = start
 
 
-def make_strategy(config: ResISTConfig, module: nn.Module, optimizer: Any, rank: int, world_size: int, **resist: Any) -> Strategy:
+def make_strategy(config: ResISTConfig, module: nn.Module, optimizer: Any, topology: Topology, **resist: Any) -> Strategy:
     """The strategy of ``config.mode``; ``resist`` holds the sub-ResNet's sections for mode ``resist``
     (none when its plan degenerates: every rank holds every block, which is local SGD)."""
     if config.mode == "resist" and resist:
-        return ResIST(config, module, optimizer, rank, world_size, **resist)
+        return ResIST(config, module, optimizer, topology, **resist)
     mode = "local_sgd" if config.mode == "resist" else config.mode
-    return {"local_sgd": LocalSGD, "ddp": DataParallel}[mode](config, module, optimizer, rank, world_size)
+    return {"local_sgd": LocalSGD, "ddp": DataParallel}[mode](config, module, optimizer, topology)

@@ -21,13 +21,15 @@ import torch
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .comm_cost import ALLREDUCE_LOG, P2P_LOG, allreduce_cost
+from .comm_cost import ALLREDUCE_LOG, P2P_LOG
 from .plan import Plan, reducer_of
 from .sparse import SparseAverager
 from .subnet import block_tensors
+from .topology import Topology
 from .transport import Codec, compressed_average
 
-__all__ = ["block_tensors", "average_tensors", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG", "P2P_LOG"]
+__all__ = ["block_tensors", "average_tensors", "flat_topology", "reducer_of", "route_blocks", "gather_blocks", "ALLREDUCE_LOG",
+           "P2P_LOG"]
 
 
 
@@ -54,42 +56,40 @@ def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[Tensor]]
     return out
 
 
+def flat_topology() -> Topology:
+    """Every rank a worker, all on one machine: the topology of a call that names none."""
+    return Topology("rank", dist.get_rank(), [0] * dist.get_world_size())
+
+
 @torch.no_grad()
 def average_tensors(tensors: Sequence[Tensor], *, bucket_bytes: int = 32 << 20, log_name: str = ALLREDUCE_LOG,
                     codec: Codec | None = None, generator: torch.Generator | None = None,
-                    sparse: SparseAverager | None = None, sparse_key: str = "") -> int:
-    """Replace every tensor by its mean over all ranks; return the bytes this rank sent.
+                    sparse: SparseAverager | None = None, sparse_key: str = "", topology: Topology | None = None) -> int:
+    """Replace every tensor by its mean over the workers; return the bytes this rank sent.
 
     With a lossy ``codec`` (float32 tensors), each bucket travels quantised through
     :func:`resist_det.resist.transport.compressed_average` (point-to-point messages); with
-    ``sparse`` (``resist.compression.topk``), as top-k deltas through :class:`SparseAverager`."""
-    world = dist.get_world_size()
-    if world == 1 or not tensors:
+    ``sparse`` (``resist.compression.topk``), as top-k deltas through :class:`SparseAverager`.
+    With a ``node`` ``topology`` the tensors must already agree inside each machine: local rank
+    ``j`` averages shard ``j`` of each bucket across machines, then the machine all-gathers."""
+    top = topology or flat_topology()
+    if top.workers == 1 or not tensors:
         return 0
     sent = 0
     for i, bucket in enumerate(_buckets(tensors, bucket_bytes)):
         flat = _flatten_dense_tensors(bucket)
+        part = top.shard(flat)
         if sparse is not None and flat.dtype == torch.float32:
-            sent += sparse.average(flat, f"{sparse_key}/{i}", _exchange, dist.get_rank(), world, generator)
+            sent += sparse.average(part, f"{sparse_key}/{i}", top.exchange, top.worker, top.workers, generator)
         elif codec is not None and not codec.lossless and flat.dtype == torch.float32:
-            sent += compressed_average(flat, codec, _exchange, dist.get_rank(), world, generator)
+            sent += compressed_average(part, codec, top.exchange, top.worker, top.workers, generator)
         else:
-            dist.all_reduce(flat, prof=True, log_name=log_name)
-            flat.div_(world)
-            sent += allreduce_cost(flat.numel() * flat.element_size(), world)
+            sent += top.all_reduce_mean(part, log_name)
+        flat, inside = top.assemble(part, flat.numel())
+        sent += inside
         for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(avg)
     return sent
-
-
-def _exchange(sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> int:
-    """Post all sends and receives as one batch (deadlock-free on NCCL and gloo); wait for them."""
-    ops = [dist.P2POp(dist.isend, t, peer, tag=tag) for t, peer, tag in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, tag=tag) for t, peer, tag in recvs]
-    if ops:
-        for req in dist.batch_isend_irecv(ops, prof=True, log_name=P2P_LOG):
-            req.wait()
-    return sum(t.numel() * t.element_size() for t, _, _ in sends)
 
 
 def _layout(slot_blocks: Sequence[int | None], slot_section: Sequence[int], section_of: Sequence[int],
@@ -108,40 +108,43 @@ def _layout(slot_blocks: Sequence[int | None], slot_section: Sequence[int], sect
 
 
 @torch.no_grad()
-def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], old: Plan, new: Plan, rank: int,
-                 tensors: Callable[[nn.Module], list[Tensor]] = block_tensors, codec: Codec | None = None,
-                 generator: torch.Generator | None = None, *, slot_section: Sequence[int] | None = None,
-                 section_of: Sequence[int] | None = None, prepare: Callable[[int], None] | None = None,
+def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], old: Plan, new: Plan,
+                 topology: Topology, tensors: Callable[[nn.Module], list[Tensor]] = block_tensors,
+                 codec: Codec | None = None, generator: torch.Generator | None = None, *,
+                 slot_section: Sequence[int] | None = None, section_of: Sequence[int] | None = None,
+                 prepare: Callable[[int], None] | None = None,
                  release: Callable[[int], None] | None = None) -> tuple[list[int | None], int]:
     """Average every partitioned block over its holders in ``old`` and deliver it to ``new``.
 
-    ``slots[i]`` holds block ``slot_blocks[i]`` (this rank's group in ``old``; ``None``: an
+    ``slots[i]`` holds block ``slot_blocks[i]`` (this worker's group in ``old``; ``None``: an
     empty slot).  With several sections, ``slot_section[i]`` and ``section_of[b]`` say which
     section a slot and a block belong to (a block only ever goes into a slot of its section);
     ``prepare(i)`` gives an empty slot storage before a block arrives in it, ``release(i)``
-    drops the storage of a slot left empty.  On return the slots hold this rank's group in
-    ``new``; a block this rank keeps stays in its slot.  ``tensors(block)`` is what travels
+    drops the storage of a slot left empty.  On return the slots hold this worker's group in
+    ``new``; a block this worker keeps stays in its slot.  ``tensors(block)`` is what travels
     with a block (default :func:`block_tensors`; the same sizes on every rank for a block).
     With a lossy ``codec`` every message is quantised, and a reducer that keeps the block it
-    sent keeps the decoded copy, so all holders stay identical.
-    Returns ``(new slot_blocks, bytes sent by this rank)``.
+    sent keeps the decoded copy, so all holders stay identical.  With a ``node`` topology each
+    of a machine's ranks carries its shard of every message and the machine all-gathers what
+    arrived.  Returns ``(new slot_blocks, bytes sent by this rank)``.
     """
     codec = codec or Codec()
     lossless = codec.lossless
     enc = lambda flat: flat if lossless else codec.encode(flat, generator)  # noqa: E731
     dec = lambda buf, n: buf if lossless else codec.decode(buf, n)  # noqa: E731
+    me, top = topology.worker, topology
+    part = lambda m: top.shard(_flatten_dense_tensors(tensors(m)))  # noqa: E731  (this rank's share of a block)
+    part_numel = lambda m: top.shard(_flat_buffer(tensors(m))).numel()  # noqa: E731
     slot_section = [0] * len(slots) if slot_section is None else slot_section
     section_of = [0] * old.num_blocks if section_of is None else section_of
-    new_group = new.groups[rank]
-    new_slot_blocks = _layout(slot_blocks, slot_section, section_of, new_group)
+    new_slot_blocks = _layout(slot_blocks, slot_section, section_of, new.groups[me])
     for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
         if a is None and b is not None and prepare is not None:
             prepare(i)  # storage for the block about to arrive (nothing of value is in this slot)
 
     def recv_buf(like: nn.Module) -> Tensor:
-        if lossless:
-            return _flat_buffer(tensors(like))
-        return torch.empty(codec.encoded_size(sum(t.numel() for t in tensors(like))), dtype=torch.uint8)
+        shape = top.shard(_flat_buffer(tensors(like)))  # dtype, device and numel of this rank's share
+        return torch.empty_like(shape) if lossless else torch.empty(codec.encoded_size(shape.numel()), dtype=torch.uint8)
 
     mine_old = {b: slots[i] for i, b in enumerate(slot_blocks) if b is not None}
     sent = 0
@@ -153,15 +156,14 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
         if len(holders) < 2:
             continue
         r = reducer_of(b, old, new)
-        if rank == r:
-            own = _flatten_dense_tensors(tensors(mine_old[b]))
+        if me == r:
             others = [h for h in holders if h != r]
             bufs = [recv_buf(mine_old[b]) for _ in others]
             recvs += [(buf, h, b) for buf, h in zip(bufs, others)]
-            partial[b] = (own, bufs, len(holders))
-        elif rank in holders:
-            sends.append((enc(_flatten_dense_tensors(tensors(mine_old[b]))), r, b))
-    sent += _exchange(sends, recvs)
+            partial[b] = (part(mine_old[b]), bufs, len(holders))
+        elif me in holders:
+            sends.append((enc(part(mine_old[b])), r, b))
+    sent += top.exchange(sends, recvs)
     averaged: dict[int, Tensor] = {}
     for b, (own, bufs, count) in partial.items():
         for buf in bufs:
@@ -173,23 +175,23 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
     for b in range(old.num_blocks):
         r = reducer_of(b, old, new)
         targets = [h for h in new.holders(b) if h != r]
-        if rank == r and targets:
+        if me == r and targets:
             flat = averaged.get(b)
             if flat is None:  # a single holder: its copy is the average
-                flat = _flatten_dense_tensors(tensors(mine_old[b]))
+                flat = part(mine_old[b])
             message = enc(flat)
             if not lossless:  # what the targets will hold; the reducer keeps the same if it stays a holder
                 averaged[b] = codec.decode(message, flat.numel())
             sends += [(message, h, old.num_blocks + b) for h in targets]
-        elif rank in targets:
-            dst = slots[new_slot_blocks.index(b)]  # sized like the block (its section's slot)
-            buf = recv_buf(dst)
+        elif me in targets:
+            like = slots[new_slot_blocks.index(b)]  # sized like the block (its section's slot)
+            buf = recv_buf(like)
             recvs.append((buf, r, old.num_blocks + b))
-            incoming[b] = (buf, sum(t.numel() for t in tensors(dst)))
-    sent += _exchange(sends, recvs)
-    incoming = {b: dec(buf, numel) for b, (buf, numel) in incoming.items()}
+            incoming[b] = (buf, part_numel(like))
+    sent += top.exchange(sends, recvs)
+    incoming = {b: dec(buf, n) for b, (buf, n) in incoming.items()}
 
-    # Write the new group into the slots; release the slots left empty.
+    # Write the new group into the slots (a machine joins its ranks' shards); release the slots left empty.
     for i, b in enumerate(new_slot_blocks):
         if b is None:
             continue
@@ -197,6 +199,8 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
         if value is None:
             continue  # held alone before and now: already in place
         dst = tensors(slots[i])
+        value, inside = top.assemble(value, sum(t.numel() for t in dst))
+        sent += inside
         for t, v in zip(dst, _unflatten_dense_tensors(value, dst)):
             t.copy_(v)
     for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
@@ -206,15 +210,17 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
 
 
 @torch.no_grad()
-def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], plan: Plan, rank: int, dst: int,
-                  out: Sequence[nn.Module]) -> int:
-    """Copy every partitioned block into ``out[b]`` on rank ``dst`` from one holder each.
+def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], plan: Plan, topology: Topology,
+                  dst: int, out: Sequence[nn.Module]) -> int:
+    """Copy every partitioned block into ``out[b]`` on global rank ``dst`` from one holder each.
 
     Collective: every rank calls it.  ``out`` is only touched on ``dst``.
     """
+    rank, top = topology.rank, topology
     sends, recvs, incoming = [], [], {}
     for b in range(plan.num_blocks):
-        src = dst if dst in plan.holders(b) else plan.holders(b)[0]
+        holders = plan.holders(b)
+        src = dst if top.worker_of(dst) in holders else top.first_rank(holders[0])
         if rank == src:
             flat = _flatten_dense_tensors(block_tensors(slots[list(slot_blocks).index(b)]))
             if rank == dst:
@@ -225,7 +231,7 @@ def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None],
             buf = _flat_buffer(block_tensors(out[b]))
             recvs.append((buf, src, b))
             incoming[b] = buf
-    sent = _exchange(sends, recvs)
+    sent = top.send_to_rank(sends, recvs)
     if rank == dst:
         for b, flat in incoming.items():
             t = block_tensors(out[b])

@@ -1,0 +1,165 @@
+"""resist.topology: one sub-network per machine, its ranks data-parallel replicas of it.
+
+Real gloo processes told (as torchrun tells them) which machine they run on; references:
+topology ``rank`` (bit for bit, one rank per machine), the mean over machines of the copies
+before a sync, and bit-identical replicas inside a machine after every step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_on_ranks
+from helpers import block_snapshot, ds_config, preact_net, shared_snapshot, train_steps
+
+
+def _engine(topology, mode="resist", **resist):
+    import resist_det
+
+    cfg = ds_config(sgd_momentum=0.9, local_steps=3, min_blocks=2, seed=5, topology=topology, mode=mode, **resist)
+    engine, *_ = resist_det.initialize(model=preact_net(seed=1), config=cfg)
+    return engine
+
+
+def _weights(engine):
+    return {n: t.clone() for n, t in engine.module.state_dict().items()}
+
+
+def _rank_vs_node(rank, world):
+    out = {}
+    for topology in ("rank", "node"):
+        engine = _engine(topology)
+        train_steps(engine, 7, torch.Generator().manual_seed(rank))  # two syncs, one round under way
+        engine.synchronize()
+        out[topology] = (engine.topology.kind, engine.plan.groups, _weights(engine))
+    return out
+
+
+def test_node_with_one_rank_per_machine_trains_what_rank_trains(tmp_path):
+    res = run_on_ranks(_rank_vs_node, 2, tmp_path, nodes=2, timeout=300)
+    for r in res:
+        assert r["rank"][0] == "rank" and r["node"][0] == "node"
+        assert r["rank"][1] == r["node"][1]
+        assert r["rank"][2].keys() == r["node"][2].keys()
+        for name, t in r["rank"][2].items():
+            assert torch.equal(t, r["node"][2][name]), name
+
+
+def _two_by_two(rank, world, mode, bits):
+    engine = _engine("node", mode=mode, bn="average", compression={"bits": bits})
+    top = engine.topology
+    gen = torch.Generator().manual_seed(rank)
+    steps, syncs = [], []
+    for _ in range(2):  # rounds
+        for _ in range(2):  # local steps (the round ends at the sync below)
+            train_steps(engine, 1, gen)
+            steps.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+        before = (shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})
+        plan_before = engine.plan.groups if mode == "resist" else None
+        engine.synchronize()
+        after = (shared_snapshot(engine), block_snapshot(engine) if mode == "resist" else {})
+        syncs.append((plan_before, engine.plan.groups if mode == "resist" else None, before, after))
+    return dict(machine=top.machine, kind=top.kind, workers=top.workers, steps=steps, syncs=syncs,
+                nic=engine.nic_bytes, sent=engine.bytes_sent)
+
+
+@pytest.mark.parametrize("mode,bits", [("resist", 32), ("local_sgd", 32), ("resist", 8)])
+def test_two_machines_of_two_ranks(tmp_path, mode, bits):
+    """Replicas of a machine equal after every step; after a sync, shared tensors are the mean over
+    machines (BN statistics: over every rank) and each block the mean over the machines that held it."""
+    res = run_on_ranks(_two_by_two, 4, tmp_path, mode, bits, nodes=2, timeout=300)
+    assert [r["machine"] for r in res] == [0, 0, 1, 1] and {r["kind"] for r in res} == {"node"}
+    assert {r["workers"] for r in res} == {2}
+    for a, b in ((0, 1), (2, 3)):  # replicas of one machine: bit-identical after every step
+        for sa, sb in zip(res[a]["steps"], res[b]["steps"]):
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
+    tol = dict(rtol=1e-6, atol=1e-7) if bits == 32 else dict(rtol=0, atol=0.05)
+    machines = ([0, 1], [2, 3])
+    for t in range(2):
+        pre = [r["syncs"][t][2] for r in res]
+        post = [r["syncs"][t][3] for r in res]
+        for name in pre[0][0]:  # shared: identical everywhere, the mean over machines (of the machines' means)
+            by_machine = [torch.stack([pre[r][0][name] for r in m]).mean(0) for m in machines]
+            for q in post:
+                assert torch.equal(q[0][name], post[0][0][name]), name
+            torch.testing.assert_close(post[0][0][name], torch.stack(by_machine).mean(0), msg=name, **tol)
+        if mode != "resist":
+            continue
+        old, new = res[0]["syncs"][t][0], res[0]["syncs"][t][1]
+        assert len(old) == len(new) == 2  # plans over machines
+        for r, q in enumerate(post):
+            m = r // 2
+            assert sorted(q[1]) == list(new[m])
+            for b, value in q[1].items():
+                assert torch.equal(value, post[machines[m][0]][1][b])  # both replicas hold the same copy
+                holders = [h for h in range(2) if b in old[h]]
+                copies = [torch.stack([pre[r2][1][b] for r2 in machines[h]]).mean(0) for h in holders]
+                torch.testing.assert_close(value, torch.stack(copies).mean(0), **tol)
+    # Cross-machine bytes were counted, and only part of what the ranks sent crossed.
+    assert all(0 < r["nic"] < r["sent"] for r in res)
+
+
+def _global_and_checkpoint(rank, world, tmp):
+    engine = _engine("node")
+    gen = torch.Generator().manual_seed(rank)
+    train_steps(engine, 4, gen)
+    engine.synchronize()
+    blocks = block_snapshot(engine)
+    net = engine.global_model(dst=0, fold=False)  # scale as a hook: the weights as the holders have them
+    engine.save_checkpoint(tmp, tag="t")
+    saved = _weights(engine)
+    train_steps(engine, 3, gen)
+    fresh = _engine("node")
+    fresh.load_checkpoint(tmp, tag="t")
+    return dict(net=None if net is None else net.state_dict(), blocks=blocks, names=engine.block_names,
+                loaded=_weights(fresh), saved=saved, scale=engine.residual_scale())
+
+
+def test_global_model_and_checkpoint_with_node(tmp_path):
+    from resist_det.resist.sync import block_tensors
+
+    res = run_on_ranks(_global_and_checkpoint, 4, tmp_path, str(tmp_path / "ckpt"), nodes=2, timeout=300)
+    for r in res:  # each rank resumes its own sub-network exactly
+        assert r["loaded"].keys() == r["saved"].keys()
+        assert all(torch.equal(r["loaded"][n], r["saved"][n]) for n in r["saved"])
+    assert res[0]["net"] is not None and all(r["net"] is None for r in res[1:])
+    # Every block of the global network is its holder machine's copy; its inclusion scale is that of
+    # 2 workers (machines) holding 3 of 6 blocks each, not of 4 ranks.
+    assert res[0]["scale"] == 0.5
+    net = preact_net(seed=1)
+    net.load_state_dict(res[0]["net"])
+    for b, name in enumerate(res[0]["names"]):
+        holders = [r for r in res if b in r["blocks"]]
+        assert len(holders) == 2  # both ranks of the holder machine
+        got = torch.cat([t.flatten() for t in block_tensors(net.get_submodule(name))])
+        assert all(torch.equal(got, h["blocks"][b]) for h in holders), name
+
+
+def _bad(rank, world, topology, resist):
+    import resist_det
+
+    try:
+        resist_det.initialize(model=preact_net(), config=ds_config(topology=topology, **resist))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("topology,resist,msg", [
+    ("machines", {}, "resist.topology: Input should be 'rank', 'node' or 'auto'"),
+])
+def test_bad_topology_is_one_line(tmp_path, topology, resist, msg):
+    res = run_on_ranks(_bad, 2, tmp_path, topology, resist, nodes=2)
+    assert all(r is not None and msg in r for r in res), res
+
+
+def test_choose_topology():
+    from resist_det.resist.topology import choose_topology
+
+    assert choose_topology("auto", [0, 0, 1, 1], "resist") == "node"
+    assert choose_topology("auto", [0, 1], "resist") == "rank"  # one rank per machine: the same thing
+    assert choose_topology("auto", [0, 0, 0, 0], "resist") == "rank"  # one multi-GPU box keeps today's behaviour
+    assert choose_topology("auto", [0, 0, 1], "resist") == "rank"  # unequal machines
+    assert choose_topology("node", [0, 0, 1, 1], "ddp") == "rank"  # ddp stays flat
+    with pytest.raises(ValueError, match=r"resist.topology 'node' needs the same number of ranks on every machine.*\[2, 1\]"):
+        choose_topology("node", [0, 0, 1], "resist")
