@@ -41,11 +41,17 @@ PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total
 
 
 def split_mode(label: str) -> tuple[str, int]:
-    """``resist_8bit`` -> (``resist``, 8); ``local_sgd`` -> (``local_sgd``, 32)."""
-    m = re.fullmatch(r"(resist|local_sgd|ddp)(?:_(\d)bit)?", label)
-    if not m or (m.group(1) == "ddp" and m.group(2)):
-        raise SystemExit(f"error: --modes: unknown mode {label!r} (resist, local_sgd, ddp, or resist_8bit / local_sgd_8bit ...)")
+    """``resist_8bit`` -> (``resist``, 8); ``local_sgd@node`` -> (``local_sgd``, 32)."""
+    m = re.fullmatch(r"(resist|local_sgd|ddp)(?:_(\d)bit)?(?:@(rank|node))?", label)
+    if not m or (m.group(1) == "ddp" and (m.group(2) or m.group(3))):
+        raise SystemExit(f"error: --modes: unknown mode {label!r} (resist, local_sgd, ddp, or resist_8bit / local_sgd_8bit ..., "
+                         "each with @rank or @node for resist.topology)")
     return m.group(1), int(m.group(2) or 32)
+
+
+def topology_of(label: str) -> str:
+    """``resist@node`` -> ``node``; without a suffix, ``auto`` (the recipe's default)."""
+    return label.split("@")[1] if "@" in label else "auto"
 
 
 def overrides(args, label: str, seed: int, out: Path) -> dict:
@@ -56,7 +62,7 @@ def overrides(args, label: str, seed: int, out: Path) -> dict:
     else:  # the paper's shape: section 3 of 23 blocks, most of the parameters
         net = {"model.layers": [1, 1, 23, 1], "model.base_width": 8, "model.seed": seed, "resist.min_blocks": 5}
     return {
-        **net, "resist.mode": mode, "resist.compression": {"bits": bits}, "resist.local_steps": args.local_steps, "resist.seed": seed,
+        **net, "resist.mode": mode, "resist.compression": {"bits": bits}, "resist.topology": topology_of(label), "resist.local_steps": args.local_steps, "resist.seed": seed,
         "deepspeed.train_micro_batch_size_per_gpu": args.batch,
         "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps_per_epoch, "train.lr_schedule": {"milestones": drops, "gamma": 0.1},
         "train.seed": seed, "train.eval_every": 1, "train.checkpoint_every": 10**6, "train.log_every": 5,
@@ -106,6 +112,20 @@ def predicted(args, labels: list[str]) -> dict:
     else:
         net, min_blocks = preact_resnet(layers=[1, 1, 23, 1], num_classes=10, stem="cifar", base_width=8, device="meta"), 5
     out: dict = {}
+    if args.nproc_per_node > 1:  # seconds on the busiest machine's NIC, per topology (resist-det plan --nodes)
+        from resist_det.resist.accounting import machine_report
+
+        for bits in sorted({split_mode(label)[1] for label in labels}):
+            both = machine_report(net, args.nodes, args.nproc_per_node, min_blocks=min_blocks, rounds=20,
+                                  codec=Codec(bits=bits) if bits != 32 else None)
+            for rate in args.rates:
+                for label in labels:
+                    mode, b = split_mode(label)
+                    kind = "node" if topology_of(label) == "node" else "rank"
+                    if b == bits and mode != "ddp":
+                        key = "nic_round" if mode == "resist" else "local_sgd_nic_round"
+                        out[(rate, label)] = both[kind][key] * 8 / parse_rate(rate)
+        return out
     for bits in sorted({split_mode(label)[1] for label in labels}):
         rep = plan_report(net, args.nodes, min_blocks=min_blocks, rounds=20, codec=Codec(bits=bits) if bits != 32 else None)
         for rate in args.rates:
@@ -117,14 +137,15 @@ def predicted(args, labels: list[str]) -> dict:
     return out
 
 
-def plot(results: dict, args, path: Path) -> None:
+def plot(results: dict, args, path: Path, base: str = "local_sgd", ours: str = "resist") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(args.rates) + 1, figsize=(4.2 * (len(args.rates) + 1), 3.6))
-    colours = {"resist": "tab:red", "local_sgd": "tab:blue", "ddp": "tab:gray", "resist_8bit": "tab:orange", "local_sgd_8bit": "tab:cyan"}
+    colours = {"resist": "tab:red", "local_sgd": "tab:blue", "ddp": "tab:gray", "resist_8bit": "tab:orange", "local_sgd_8bit": "tab:cyan",
+               "resist@node": "tab:red", "resist@rank": "tab:purple", "local_sgd@node": "tab:blue", "resist_8bit@node": "tab:orange"}
     for ax, rate in zip(axes, args.rates):
         for (r, mode, seed), run in results.items():
             if r != rate:
@@ -137,18 +158,83 @@ def plot(results: dict, args, path: Path) -> None:
         ax.legend(fontsize=8)
     ax = axes[-1]
     bits = [parse_rate(r) / 1e6 for r in args.rates]
-    for base, style in (("local_sgd", "o-"), ("ddp", "s--")):
+    for base, style in ((base, "o-"), ("ddp", "s--")):
         ratios = []
         for rate in args.rates:
-            t_res = _mean([time_to_target(results[(rate, "resist", s)], args.target)[0] for s in args.seeds if (rate, "resist", s) in results])
+            t_res = _mean([time_to_target(results[(rate, ours, s)], args.target)[0] for s in args.seeds if (rate, ours, s) in results])
             t_base = _mean([time_to_target(results[(rate, base, s)], args.target)[0] for s in args.seeds if (rate, base, s) in results])
             ratios.append(t_base / t_res if t_res and t_base else math.nan)
-        ax.plot(bits, ratios, style, label=f"ResIST speedup over {base}")
+        ax.plot(bits, ratios, style, label=f"{ours} speedup over {base}")
     ax.set(xscale="log", xlabel="link rate (Mbit/s)", ylabel="speedup in time to target", title="speedup")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def topology_summary(results: dict, args, modes: list[str], pred: dict, total: float) -> int:
+    """Machines of several ranks: ResIST with topology node against rank and hierarchical local SGD."""
+    lines = [f"Fashion-MNIST, {args.nodes} emulated machines x {args.nproc_per_node} ranks (tbf-shaped NICs; a machine's ranks "
+             f"talk over its loopback), preact ResNet [1,1,23,1] width 8, batch {args.batch}/rank, {args.local_steps} local steps, "
+             f"{args.steps_per_epoch} steps/epoch, {args.epochs} epochs, test set first {args.limit_test} images, "
+             f"target {100 * args.target:.1f}%  (total {total:.0f} s)",
+             "rate      mode               seed  t->target(s)  final acc  wall (s)  NIC MiB acct  wire MiB  wire/acc  sync s/round  plan s/round"]
+    worst, measured = 0.0, 0
+    for (rate, mode, seed), r in results.items():
+        last = r["epochs"][-1] if r["epochs"] else {}
+        t, reached = time_to_target(r, args.target)
+        acc = 100 * last.get("metrics", {}).get("accuracy", math.nan)
+        acct = sum(last["nic_bytes"]) if "nic_bytes" in last else math.nan
+        wire = last.get("wire_bytes", math.nan)
+        ratio = wire / acct if acct else math.nan
+        if not math.isnan(ratio):
+            worst, measured = max(worst, abs(ratio - 1)), measured + 1
+        sync = last.get("sync_seconds", math.nan) / last["round"] if last.get("round") else math.nan
+        lines.append(f"{rate:9s} {mode:18s} {seed:4d}  {('' if reached else '>') + f'{t:.1f}':>12s}  {acc:8.2f}%  "
+                     f"{last.get('wall', math.nan):8.1f}  {acct / 2**20:12.1f}  {wire / 2**20:8.1f}  {ratio:8.3f}  "
+                     f"{sync:12.2f}  {pred.get((rate, mode), math.nan):12.2f}"
+                     + ("  (stopped at target)" if r["at_target"] else "  (stopped)" if r["stopped"] else ""))
+    lines.append("('NIC MiB acct': what the engines counted as crossing the machines' NICs; n/a for runs recorded before "
+                 "the loop logged it; 'plan s/round': the busiest machine's NIC per sync, resist-det plan --nodes)")
+
+    def mean_t(rate, mode):
+        ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
+        return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
+
+    def final_acc(rate, mode):
+        return _mean([100 * results[(rate, mode, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
+                      for s in args.seeds if (rate, mode, s) in results and results[(rate, mode, s)]["epochs"]
+                      and not results[(rate, mode, s)]["stopped"]])
+
+    low, high = args.rates[0], args.rates[-1]
+    for rate in args.rates:
+        lines.append(f"{rate}: time to {100 * args.target:.0f}%: " + ", ".join(
+            f"{m} {mean_t(rate, m)[0]:.1f}s{'' if mean_t(rate, m)[1] else ' (not reached)'}" for m in modes))
+    node, rank, local, q8 = (mean_t(low, m) for m in ("resist@node", "resist@rank", "local_sgd@node", "resist_8bit@node"))
+    acc_node, acc_local = final_acc(high, "resist@node"), final_acc(high, "local_sgd@node")
+    checks = [
+        (f"lowest rate ({low}): resist@node <= 0.6 x resist@rank's time to target ({node[0] / rank[0]:.3f})",
+         node[1] and rank[1] and node[0] <= 0.6 * rank[0]),
+        (f"lowest rate ({low}): resist@node <= 0.6 x hierarchical local SGD's (local_sgd@node) time ({node[0] / local[0]:.3f})",
+         node[1] and local[1] and node[0] <= 0.6 * local[0]),
+        (f"lowest rate ({low}): resist_8bit@node <= 0.35 x fp32 hierarchical local SGD's time ({q8[0] / local[0]:.3f})",
+         q8[1] and local[1] and q8[0] <= 0.35 * local[0]),
+        (f"final accuracy of resist@node within 1.0 point of local_sgd@node (mean of seeds {args.seeds}, trained in full at "
+         f"{high}, bit-identical at every rate): {acc_node:.2f}% vs {acc_local:.2f}%", abs(acc_node - acc_local) <= 1.0),
+        (f"wire / accounted NIC bytes within 1 + {args.wire_tolerance} in every run that logged them ({measured} runs, worst "
+         f"{1 + worst:.3f})", measured > 0 and worst <= args.wire_tolerance),
+    ]
+    lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]
+    text = "\n".join(lines)
+    print(text)
+    if args.record:
+        args.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.record.with_suffix(".tmp")
+        tmp.write_text("$ python " + " ".join(sys.argv) + "\n" + text + "\n")
+        tmp.replace(args.record)
+        plot(results, args, args.record.with_suffix(".png"), base="local_sgd@node", ours="resist@node")
+        print(f"plot: {args.record.with_suffix('.png')}")
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 def _mean(xs):
@@ -159,6 +245,7 @@ def _mean(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=4)
+    ap.add_argument("--nproc-per-node", type=int, default=1, help="ranks per emulated machine")
     ap.add_argument("--model", choices=["preact", "resnet18"], default="preact",
                     help="preact: the paper's shape (section 3 of 23 blocks); resnet18: stock torchvision, every section")
     ap.add_argument("--max-ratio", type=float, default=0.5, help="the check at the lowest rate: resist <= this x local SGD's time")
@@ -232,7 +319,7 @@ def main() -> int:
                         stop = lambda at_target=at_target, cap=cap, out=out: (
                             (at_target is not None and at_target()) or read_run(out)["trained_seconds"] >= cap)
                     run = run_cluster(recipe, [*sets, "--no-progress"], nodes=args.nodes, rates=node_rates(args.nodes, rate),
-                                      log_dir=out / "cluster", stream=False, stop_when=stop)
+                                      log_dir=out / "cluster", stream=False, stop_when=stop, nproc_per_node=args.nproc_per_node)
                     code = run.returncode
                     if code not in (0, 124):
                         print(Path(run.logs[0]).read_text()[-3000:], file=sys.stderr)
@@ -244,6 +331,8 @@ def main() -> int:
                 for e in res["epochs"]:
                     print(f"  epoch {e['epoch'] + 1}  wall {e['wall']:7.1f}s  acc {100 * e.get('metrics', {}).get('accuracy', math.nan):5.2f}%  "
                           f"rounds {e['round']}  accounted {e['bytes'] / 2**20:7.1f} MiB  wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
+    if args.nproc_per_node > 1:
+        return topology_summary(results, args, modes, predicted(args, modes), time.monotonic() - t_all)
     pred = predicted(args, modes)
     network = "stock torchvision resnet18 (1-channel stem, every section partitioned)" if args.model == "resnet18" else \
         "preact ResNet [1,1,23,1] width 8"

@@ -130,7 +130,9 @@ def export(
 
 @app.command()
 def plan(
-    workers: Annotated[int, typer.Option("--workers", "-S", min=1, max=4096, help="Number of sub-ResNets (ranks).")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-S", min=1, max=4096, help="Number of sub-ResNets (ranks); default 4.")] = None,
+    nodes: Annotated[Optional[int], typer.Option(min=1, max=1024, help="Machines: compare resist.topology rank and node on them (instead of -S).")] = None,
+    gpus_per_node: Annotated[int, typer.Option(min=1, max=64, help="Ranks per machine (with --nodes).")] = 8,
     model: Annotated[str, typer.Option(help="cifar-resnet101, preact-resnet<depth>, yolo-resnet<depth>, vit-tiny or a torchvision model name.")] = "cifar-resnet101",
     min_blocks: Annotated[Optional[int], typer.Option(min=1, help="Minimum partitioned blocks per sub-ResNet (resist.min_blocks; default: a fifth of the partitionable blocks).")] = None,
     sections: Annotated[Optional[str], typer.Option(help="Partitioned sections, comma-separated (resist.sections, e.g. layer3,layer4); default: the model's.")] = None,
@@ -150,6 +152,9 @@ def plan(
     from .resist.accounting import link_seconds, plan_report
 
     try:
+        if nodes is not None and workers is not None:
+            raise ValueError(f"give -S (sub-networks) or --nodes (machines), not both (got -S {workers} and --nodes {nodes})")
+        workers = 4 if workers is None else workers
         if rate is not None:
             from .cluster.network import ClusterError, parse_rate
 
@@ -164,6 +169,16 @@ def plan(
         from .resist.transport import Codec
 
         chosen = [x.strip() for x in sections.split(",") if x.strip()] if sections is not None else None
+        if nodes is not None:
+            if topk is not None:
+                raise ValueError("--topk: the machine comparison (--nodes) predicts fp32 and --bits transport only")
+            from .resist.accounting import machine_report
+
+            net = build_named_model(model)
+            both = machine_report(net, nodes, gpus_per_node, min_blocks=min_blocks, seed=seed, rounds=max(rounds, 1),
+                                  codec=Codec(bits), sections=chosen)
+            _print_machines(both, nodes, gpus_per_node, rate, rate_bits if rate is not None else None, local_steps)
+            return
         rep = plan_report(build_named_model(model), workers, model_name=model, min_blocks=min_blocks, seed=seed,
                           rounds=max(rounds, 2), codec=Codec(bits), topk=topk, sections=chosen)
     except (ValueError, KeyError, TypeError) as e:
@@ -200,6 +215,39 @@ def plan(
         table.add_row("local_sgd", f"{rep['local_sgd_rank_bytes'] / 2**20:.2f} MiB", f"{t['local_sgd_round']:.2f}")
         table.add_row("ddp", f"{local_steps * rep['ddp_rank_bytes_per_step'] / 2**20:.2f} MiB", f"{local_steps * t['ddp_step']:.2f}")
         console.print(table)
+
+
+def _print_machines(both: dict[str, Any], nodes: int, g: int, rate: str | None, rate_bits: float | None, local_steps: int) -> None:
+    """``plan --nodes``: topologies rank and node side by side."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(100, Console().width))
+    table = Table(title=f"{nodes} machines x {g} ranks: resist.topology rank and node (bytes per machine's NIC)")
+    table.add_column("")
+    for kind in ("rank", "node"):
+        table.add_column(kind, justify="right")
+    r, n = both["rank"], both["node"]
+    mib = lambda x: f"{x / 2**20:,.1f} MiB"  # noqa: E731
+    rows = [("sub-networks (S)", str(r["workers"]), str(n["workers"])),
+            ("partitioned blocks per sub-network", str(r["blocks_per_worker"]), str(n["blocks_per_worker"])),
+            ("depth (blocks)", f"{r['depth']} of {r['full_depth']}", f"{n['depth']} of {n['full_depth']}"),
+            ("ResIST: NIC bytes per sync (busiest machine)", mib(r["nic_round"]), mib(n["nic_round"])),
+            ("local SGD: NIC bytes per sync", mib(r["local_sgd_nic_round"]), mib(n["local_sgd_nic_round"])),
+            ("bytes inside a machine per step (per rank)", mib(r["inside_step"]), mib(n["inside_step"]))]
+    if rate_bits is not None:
+        rows += [(f"ResIST: seconds per sync at {rate}", f"{r['nic_round'] * 8 / rate_bits:.2f}", f"{n['nic_round'] * 8 / rate_bits:.2f}"),
+                 (f"local SGD: seconds per sync at {rate}", f"{r['local_sgd_nic_round'] * 8 / rate_bits:.2f}",
+                  f"{n['local_sgd_nic_round'] * 8 / rate_bits:.2f}")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if r["nic_round"]:
+        console.print(f"node / rank ResIST bytes over the slow link: {n['nic_round'] / r['nic_round']:.3f} "
+                      f"({r['nic_round'] / max(n['nic_round'], 1):.1f}x less with node)")
+    for kind in ("rank", "node"):
+        if both[kind]["degenerate"]:
+            console.print(f"[bold yellow]warning:[/] {kind}: {both[kind]['degenerate']}")
 
 
 def _print_sections(console: Any, rep: dict[str, Any]) -> None:

@@ -132,3 +132,32 @@ def test_plan_of_a_torchvision_detector_opens_no_socket(monkeypatch):
     assert "12 partitionable blocks" in out and "backbone.body.layer4" in out and "partitioned)" in out
     bad = CliRunner().invoke(app, ["plan", "--model", "resnet50", "--min-blocks", "99"])
     assert bad.exit_code == 1 and "--min-blocks" in bad.output
+
+
+def test_plan_nodes_compares_rank_and_node_topologies():
+    """``plan --nodes N --gpus-per-node g``: local SGD's NIC bytes per sync by hand (a ring over all
+    ranks crosses each machine's NIC once: 2 (W-1)/W of the network; with node, 2 (N-1)/N of it,
+    split over the g ranks), and the CLI prints the same report."""
+    from typer.testing import CliRunner
+
+    from resist_det.cli import app
+    from resist_det.models.zoo import build_named_model
+    from resist_det.resist.accounting import machine_report, split_sizes
+
+    net = build_named_model("preact-resnet101")
+    total = split_sizes(net)["total"]
+    both = machine_report(net, 2, 8, rounds=2)
+    assert both["rank"]["local_sgd_nic_round"] == round(2 * 15 / 16 * total * 4)
+    assert both["node"]["local_sgd_nic_round"] == round(8 * 1.0 * -(-total // 8) * 4)
+    assert (both["rank"]["workers"], both["node"]["workers"]) == (16, 2)
+    assert both["node"]["depth"] > both["rank"]["depth"]
+    assert both["node"]["nic_round"] < both["rank"]["nic_round"]
+    assert both["rank"]["inside_step"] == 0 < both["node"]["inside_step"]
+    res = CliRunner().invoke(app, ["plan", "--nodes", "2", "--gpus-per-node", "8", "--model", "preact-resnet101", "--rounds", "2",
+                                   "--rate", "1gbit"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert f"{both['rank']['nic_round'] / 2**20:,.1f} MiB" in out and f"{both['node']['nic_round'] / 2**20:,.1f} MiB" in out
+    assert f"node / rank ResIST bytes over the slow link: {both['node']['nic_round'] / both['rank']['nic_round']:.3f}" in out
+    bad = CliRunner().invoke(app, ["plan", "-S", "4", "--nodes", "2"])
+    assert bad.exit_code == 1 and "give -S (sub-networks) or --nodes (machines), not both" in " ".join(bad.output.split())

@@ -163,3 +163,38 @@ def test_choose_topology():
     assert choose_topology("node", [0, 0, 1, 1], "ddp") == "rank"  # ddp stays flat
     with pytest.raises(ValueError, match=r"resist.topology 'node' needs the same number of ranks on every machine.*\[2, 1\]"):
         choose_topology("node", [0, 0, 1], "resist")
+
+
+def _counted_per_sync(rank, world, rounds):
+    out = {}
+    for topology in ("rank", "node"):
+        engine = _engine(topology)
+        gen = torch.Generator().manual_seed(rank)
+        counted = []
+        for _ in range(rounds):
+            train_steps(engine, 1, gen)
+            before = engine.nic_bytes
+            engine.synchronize()
+            counted.append(engine.nic_bytes - before)
+        out[topology] = (engine.topology.machine, counted)
+    return out
+
+
+def test_nic_bytes_counted_equal_the_planners_prediction(tmp_path):
+    """What the engines count as crossing each machine's NIC, per sync, for rank and node on 2 x 2
+    ranks, equals resist-det plan --nodes 2 --gpus-per-node 2 (accounting.machine_report)."""
+    from resist_det.resist.accounting import machine_report
+
+    rounds = 3
+    res = run_on_ranks(_counted_per_sync, 4, tmp_path, rounds, nodes=2, timeout=300)
+    predicted = machine_report(preact_net(device="meta"), 2, 2, min_blocks=2, seed=5, rounds=rounds)
+    for topology in ("rank", "node"):
+        per_machine = [[0, 0] for _ in range(rounds)]
+        for r in res:
+            machine, counted = r[topology]
+            for t, c in enumerate(counted):
+                per_machine[t][machine] += c
+        assert per_machine == predicted[topology]["nic_rounds"], topology
+    node = sum(map(max, predicted["node"]["nic_rounds"]))
+    rank = sum(map(max, predicted["rank"]["nic_rounds"]))
+    assert node < rank

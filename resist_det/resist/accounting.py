@@ -16,11 +16,11 @@ from torch import nn
 from .comm_cost import ring_share
 from .partition import is_section_name, partitionable_blocks, section_of
 from .plan import (Plan, blocks_per_worker, check_plan_args, degenerate_plan, inclusion_probability, iter_plans, p2p_bytes,
-                   resolve_min_blocks)
+                   p2p_messages, resolve_min_blocks)
 from .sparse import sparse_message_size
 from .transport import Codec
 
-__all__ = ["split_sizes", "plan_report", "link_seconds"]
+__all__ = ["split_sizes", "plan_report", "link_seconds", "machine_report"]
 
 
 def _tensor_elems(module: nn.Module) -> int:
@@ -132,3 +132,56 @@ def link_seconds(report: dict[str, Any], rate_bits: float) -> dict[str, float]:
     resist = sum(rounds) / len(rounds) if rounds else float("nan")
     return {"resist_round": resist * 8 / rate_bits, "local_sgd_round": report["local_sgd_rank_bytes"] * 8 / rate_bits,
             "ddp_step": report["ddp_rank_bytes_per_step"] * 8 / rate_bits}
+
+
+def machine_report(model: nn.Module, nodes: int, gpus_per_node: int, *, min_blocks: int | None = None, seed: int = 0,
+                   rounds: int = 3, codec: Codec | None = None, sections: list[str] | None = None,
+                   block_pattern: str | None = None, bytes_per_elem: int = 4) -> dict[str, dict[str, Any]]:
+    """Topologies ``rank`` and ``node`` side by side on ``nodes`` machines of ``gpus_per_node`` ranks.
+
+    For each: S, blocks and depth per sub-network, bytes over each machine's NIC per sync
+    (``nic_rounds[t][m]``, rounds 1..``rounds``), bytes each rank sends inside its machine per
+    step (DeepSpeed's gradient all-reduce, topology ``node``), and hierarchical (``node``) or flat
+    (``rank``) local SGD's NIC bytes per sync.  Costing as the engine counts it
+    (:class:`~resist_det.resist.topology.Topology`): a ring over every rank crosses each machine's
+    NIC once (ranks of a machine are neighbours); a message crosses when its ends are on
+    different machines; with ``node`` each of a machine's ranks carries 1/g of every message."""
+    codec = codec or Codec()
+    sizes = split_sizes(model, block_pattern, sections)
+    g, out = gpus_per_node, {}
+    enc = lambda elems: elems * bytes_per_elem if codec.lossless else codec.encoded_size(elems)  # noqa: E731
+
+    def average_nic(elems: int, kind: str) -> int:  # per machine
+        if nodes == 1:
+            return 0
+        if kind == "rank":
+            world = nodes * g
+            if codec.lossless:
+                return round(ring_share(world) * elems * bytes_per_elem)
+            return g * 2 * (world - g) * enc(-(-elems // world))
+        shard = -(-elems // g)
+        if codec.lossless:
+            return round(g * ring_share(nodes) * shard * bytes_per_elem)
+        return g * 2 * (nodes - 1) * enc(-(-shard // nodes))
+
+    for kind, workers in (("rank", nodes * g), ("node", nodes)):
+        rep = plan_report(model, workers, min_blocks=min_blocks, seed=seed, rounds=rounds + 1, sections=sections,
+                          block_pattern=block_pattern)
+        machine = (lambda w: w // g) if kind == "rank" else (lambda w: w)  # noqa: E731
+        per_message = [enc(b) if kind == "rank" else g * enc(-(-b // g)) for b in sizes["block"]]
+        plans = [Plan(round=r["round"], groups=r["groups"]) for r in rep["rounds"]]
+        nic_rounds = []
+        for old, new in zip(plans, plans[1:]):
+            nic = [average_nic(sizes["total"] if rep["degenerate"] else sizes["shared"], kind)] * nodes
+            if not rep["degenerate"]:
+                for src, dst, b in p2p_messages(old, new):
+                    if machine(src) != machine(dst):
+                        nic[machine(src)] += per_message[b]
+            nic_rounds.append(nic)
+        grads = max(r for r in rep["rounds"][0]["rank_params"]) * bytes_per_elem
+        out[kind] = {"workers": workers, "blocks_per_worker": rep["blocks_per_worker"], "depth": rep["depth"],
+                     "full_depth": rep["full_depth"], "degenerate": rep["degenerate"], "nic_rounds": nic_rounds,
+                     "nic_round": sum(max(n) for n in nic_rounds) / len(nic_rounds),
+                     "local_sgd_nic_round": average_nic(sizes["total"], kind),
+                     "inside_step": round(ring_share(g) * grads) if kind == "node" else 0}
+    return out

@@ -37,7 +37,7 @@ from scipy.optimize import linear_sum_assignment
 
 __all__ = [
     "Plan", "make_plan", "iter_plans", "reducer_of", "p2p_sends", "blocks_per_worker", "inclusion_probability",
-    "check_plan_args", "degenerate_plan", "default_min_blocks", "resolve_min_blocks", "p2p_bytes",
+    "check_plan_args", "degenerate_plan", "default_min_blocks", "resolve_min_blocks", "p2p_bytes", "p2p_messages",
 ]
 
 
@@ -211,14 +211,22 @@ def p2p_sends(old: Plan, new: Plan) -> list[int]:
     return p2p_bytes(old, new, [1] * old.num_blocks)
 
 
-def p2p_bytes(old: Plan, new: Plan, sizes: Sequence[int]) -> list[int]:
-    """What each rank sends point-to-point at the sync from ``old`` to ``new``, block ``b``
-    costing ``sizes[b]`` per message (the same routing as :func:`p2p_sends`)."""
-    sends = [0] * old.num_workers
+def p2p_messages(old: Plan, new: Plan) -> list[tuple[int, int, int]]:
+    """The block messages ``(sender, receiver, block)`` of the sync from ``old`` to ``new``
+    (:func:`resist_det.resist.sync.route_blocks`): a block's other holders send it to its
+    reducer; the reducer sends the average to every next holder but itself."""
+    out = []
     for b in range(old.num_blocks):
         r = reducer_of(b, old, new)
-        for h in old.holders(b):
-            if h != r:
-                sends[h] += sizes[b]
-        sends[r] += sizes[b] * sum(1 for h in new.holders(b) if h != r)
+        out += [(h, r, b) for h in old.holders(b) if h != r]
+        out += [(r, h, b) for h in new.holders(b) if h != r]
+    return out
+
+
+def p2p_bytes(old: Plan, new: Plan, sizes: Sequence[int]) -> list[int]:
+    """What each worker sends point-to-point at the sync from ``old`` to ``new``, block ``b``
+    costing ``sizes[b]`` per message."""
+    sends = [0] * old.num_workers
+    for src, _, b in p2p_messages(old, new):
+        sends[src] += sizes[b]
     return sends

@@ -274,9 +274,10 @@ def train_one_epoch(run: Run, epoch: int, bar: Progress) -> float:
 def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[str, Any]:
     """The epoch's log record: loss, rounds, bytes, wall, memory (reduced over ranks for display).
 
-    ``bytes``: what the engines accounted, summed over ranks; ``wire_bytes`` (when the ranks talk
-    over a named NIC, ``GLOO_SOCKET_IFNAME``): what those NICs sent since training began, headers,
-    acknowledgements and this loop's own monitoring reductions included."""
+    ``bytes``: what the engines accounted, summed over ranks; ``nic_bytes``: of those, what crossed
+    each machine's NIC (one entry per machine); ``wire_bytes`` / ``machine_wire_bytes`` (when the
+    ranks talk over a named NIC, ``GLOO_SOCKET_IFNAME``): what those NICs sent since training began,
+    headers, acknowledgements and this loop's own monitoring reductions included."""
     mean_loss = _sum_over_ranks(train_loss) / run.world  # collective: every rank sees the same value
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
@@ -287,9 +288,14 @@ def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[s
                   sync_seconds=_max_over_ranks(run.engine.sync_seconds),
                   memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
     wire = nic_tx_bytes() - run.nic_tx_start if run.nic_tx_start is not None else 0
-    wire, named = _sum_over_ranks(wire), _max_over_ranks(run.nic_tx_start is not None)  # collective on every rank
-    if named:
-        record["wire_bytes"] = wire
+    # per machine: what the engines counted as crossing its NIC, and (named NIC) what the NIC sent
+    machines: list[Any] = [None] * run.world
+    tdist.all_gather_object(machines, (run.engine.topology.machine, run.engine.nic_bytes, wire))  # monitoring only
+    count = max(m for m, _, _ in machines) + 1
+    record["nic_bytes"] = [sum(n for m, n, _ in machines if m == i) for i in range(count)]
+    if _max_over_ranks(run.nic_tx_start is not None):  # collective on every rank
+        record["wire_bytes"] = sum(w for _, _, w in machines)
+        record["machine_wire_bytes"] = [sum(w for m, _, w in machines if m == i) for i in range(count)]
     return record
 
 
