@@ -147,10 +147,28 @@ def _bad(rank, world, topology, resist):
 
 @pytest.mark.parametrize("topology,resist,msg", [
     ("machines", {}, "resist.topology: Input should be 'rank', 'node' or 'auto'"),
+    ("node", {"min_blocks": 7}, "resist.min_blocks must be between 1 and the number of partitionable blocks (6), but got 7"),
 ])
 def test_bad_topology_is_one_line(tmp_path, topology, resist, msg):
     res = run_on_ranks(_bad, 2, tmp_path, topology, resist, nodes=2)
     assert all(r is not None and msg in r for r in res), res
+
+
+def _warned(rank, world):
+    import warnings
+
+    import resist_det
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, *_ = resist_det.initialize(model=preact_net(), config=ds_config(topology="node", min_blocks=2))
+    return engine.topology.kind, engine.topology.workers, [str(w.message) for w in caught]
+
+
+def test_node_on_one_machine_warns_that_it_is_data_parallel(tmp_path):
+    res = run_on_ranks(_warned, 2, tmp_path)  # one machine of 2 ranks
+    assert [r[:2] for r in res] == [("node", 1), ("node", 1)]
+    assert any("resist.topology 'node' on one machine" in w for w in res[0][2]), res[0][2]
 
 
 def test_choose_topology():

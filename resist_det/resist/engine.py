@@ -185,6 +185,7 @@ class ResISTEngine:
             ("ResIST/round", self.schedule.rounds, step),
             ("ResIST/bytes_sent_round", sent, step),
             ("ResIST/bytes_sent_total", self.bytes_sent, step),
+            ("ResIST/nic_bytes_total", self.nic_bytes, step),  # of those, sent to other machines
             ("ResIST/subnet_parameters", sum(p.numel() for p in self.module.parameters()), step),
             ("ResIST/sync_seconds", seconds, step),
         ])
