@@ -18,7 +18,6 @@ written, is DeepSpeed's engine's (``engine.train()``, ``engine.gradient_accumula
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 from ..io import atomic_torch_save
 from . import checkpoint as ckpt
 from .config import ResISTConfig
-from .schedule import RoundSchedule
+from .core import ResISTCore
 from .strategies import Strategy
 
 __all__ = ["ResISTEngine", "memory_footprint"]
@@ -39,19 +38,21 @@ class ResISTEngine:
     """Wraps a ``DeepSpeedEngine``.  Built by :func:`resist_det.initialize`, not directly."""
 
     #: Attributes that live on this wrapper; everything else is forwarded to DeepSpeed's engine.
-    OWN = frozenset({"deepspeed_engine", "config", "schedule", "strategy", "grad_clip", "rank", "world_size", "bytes_sent", "sync_seconds"})
+    OWN = frozenset({"deepspeed_engine", "config", "core", "grad_clip", "rank", "world_size", "whole"})
 
     def __init__(self, deepspeed_engine: Any, config: ResISTConfig, strategy: Strategy, *, grad_clip: float = 0.0) -> None:
         self.deepspeed_engine = deepspeed_engine
         self.config = config
-        self.strategy = strategy
-        warmup = config.warmup_local_sgd_steps if config.mode == "resist" else 0
-        self.schedule = RoundSchedule(config.local_steps, warmup)
+        self.core = ResISTCore(config, strategy, on_round=self._monitor_round)
         self.grad_clip = grad_clip
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.bytes_sent = 0  # by this rank, all rounds (costing of resist_det.resist.sync)
-        self.sync_seconds = 0.0  # wall time this rank spent in syncs (communication and the copies around it)
+        self.whole = None  # the global network while in eval mode (mode resist)
+
+    strategy = property(lambda self: self.core.strategy, doc="the mode's strategy (resist_det.resist.strategies)")
+    schedule = property(lambda self: self.core.schedule, doc="the round schedule")
+    bytes_sent = property(lambda self: self.core.bytes_sent, doc="bytes this rank sent, all rounds (sync costing)")
+    sync_seconds = property(lambda self: self.core.sync_seconds, doc="wall time this rank spent in syncs")
 
     # ---- forwarding: symmetric, explicit ------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -90,7 +91,7 @@ class ResISTEngine:
     @property
     def nic_bytes(self) -> int:
         """Of :attr:`bytes_sent`, what this rank sent to ranks on other machines (over its machine's NIC)."""
-        return self.strategy.topology.nic_sent
+        return self.core.nic_bytes
 
     @property
     def optimizer(self) -> Any:
@@ -133,7 +134,25 @@ class ResISTEngine:
 
     # ---- the user's loop ----------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.whole is not None:  # eval mode: the whole network answers
+            return self.whole(*args, **kwargs)
         return self.deepspeed_engine(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ResISTEngine:
+        """As ``nn.Module.train``.  In mode ``resist``, ``eval()`` (``train(False)``) assembles the
+        global network on every rank, and the engine's forward runs it until ``train()``: a script
+        that evaluates through the engine scores the whole network, never one rank's sub-network.
+        Collective when it switches to eval (every rank must call it)."""
+        if not mode and self.whole is None and hasattr(self.strategy, "slots"):
+            self.whole = self.core.global_model(None)
+            self.whole.eval()
+        elif mode:
+            self.whole = None
+        self.deepspeed_engine.train(mode)
+        return self
+
+    def eval(self) -> ResISTEngine:
+        return self.train(False)
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> Any:
         return self.deepspeed_engine.backward(loss, **kwargs)
@@ -146,11 +165,8 @@ class ResISTEngine:
             torch.nn.utils.clip_grad_norm_(inner.module.parameters(), self.grad_clip)
         before = inner.global_steps
         inner.step(**kwargs)
-        if inner.global_steps == before:
-            return
-        self.bytes_sent += self.strategy.bytes_per_step()
-        if self.strategy.has_rounds and self.schedule.step():
-            self._end_round()
+        if inner.global_steps != before:
+            self.core.after_step()
 
     def synchronize(self) -> int:
         """End the current round now (e.g. at an epoch end); returns the bytes this rank sent.
@@ -158,21 +174,7 @@ class ResISTEngine:
         Collective (every rank must call it).  A no-op when no local step was taken since the
         last sync, and in mode ``ddp``.
         """
-        if not (self.strategy.has_rounds and self.schedule.pending):
-            return 0
-        return self._end_round()
-
-    @torch.no_grad()
-    def _end_round(self) -> int:
-        index, switch = self.schedule.rounds, self.schedule.switch_due
-        start = time.perf_counter()
-        sent = self.strategy.sync(index, switch)
-        seconds = time.perf_counter() - start
-        self.schedule.end_round()
-        self.bytes_sent += sent
-        self.sync_seconds += seconds
-        self._monitor_round(sent, seconds)
-        return sent
+        return self.core.synchronize()
 
     def _monitor_round(self, sent: int, seconds: float) -> None:
         """ResIST's figures of the round to DeepSpeed's monitor (TensorBoard, W&B, CSV), when the
@@ -204,12 +206,7 @@ class ResISTEngine:
         or kept as a forward hook (``fold=False``).  Called mid-round, it first ends the round
         (:meth:`synchronize`), so the copies it stitches together agree.
         """
-        # Mid-round the ranks' copies of the shared layers differ: a network stitched from them
-        # would be a silent mix, so the round ends here first (every rank is in this call).
-        self.synchronize()
-        net, sent = self.strategy.global_model(dst, fold)
-        self.bytes_sent += sent
-        return net
+        return self.core.global_model(dst, fold)
 
     def export_global_model(self, path: str | Path, dst: int = 0) -> Path | None:
         """Write the global network's ``state_dict`` (the user's own keys, scales folded; tensors
@@ -222,25 +219,11 @@ class ResISTEngine:
     # ---- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """ResIST state for ``save_checkpoint(..., client_state={"resist": engine.state_dict()})``."""
-        return {"schedule": self.schedule.state_dict(), "strategy": self.strategy.state_dict(),
-                "bytes_sent": self.bytes_sent, "nic_bytes": self.nic_bytes, "world_size": self.world_size,
-                "topology": {"kind": self.topology.kind, "machine_of": list(self.topology.machine_of)},
-                "resist": self.config.model_dump(mode="json")}
+        return self.core.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; load the module's weights after it (the structure may change)."""
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"ResIST state was saved with world size {state['world_size']}, but this run has {self.world_size}")
-        if state["resist"] != self.config.model_dump(mode="json"):
-            raise ValueError("ResIST state was saved with a different 'resist' config section")
-        saved = state.get("topology", {"kind": "rank"})
-        if saved["kind"] != self.topology.kind or saved.get("machine_of", self.topology.machine_of) != list(self.topology.machine_of):
-            raise ValueError(f"ResIST state was saved with resist.topology {saved['kind']!r} on machines {saved.get('machine_of')}, "
-                             f"but this run is {self.topology.kind!r} on {list(self.topology.machine_of)}: resume on the same machines")
-        self.strategy.load_state_dict(state["strategy"], state["schedule"]["rounds"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.bytes_sent = state["bytes_sent"]
-        self.strategy.topology.nic_sent = state.get("nic_bytes", 0)
+        self.core.load_state_dict(state)
 
     def save_checkpoint(self, save_dir: str | Path, tag: str | None = None, client_state: dict | None = None, **kwargs: Any) -> bool:
         """DeepSpeed's checkpoint (ResIST state in ``client_state["resist"]``) plus one file per

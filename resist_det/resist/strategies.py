@@ -74,9 +74,9 @@ class Strategy:
         """Scale of every partitioned block in the global network."""
         return 1.0
 
-    def global_model(self, dst: int, fold: bool) -> tuple[nn.Module | None, int]:
-        """The whole network on rank ``dst`` (``None`` elsewhere), and the bytes this rank sent."""
-        return (copy.deepcopy(self.module) if self.rank == dst else None), 0
+    def global_model(self, dst: int | None, fold: bool) -> tuple[nn.Module | None, int]:
+        """The whole network on rank ``dst`` (every rank: ``None``; ``None`` elsewhere), and the bytes this rank sent."""
+        return (copy.deepcopy(self.module) if dst in (None, self.rank) else None), 0
 
     def shared_tensors(self, with_buffers: bool) -> list[torch.Tensor]:
         """The tensors every rank holds and a sync averages over all ranks."""
@@ -371,12 +371,13 @@ class ResIST(Strategy):
 
     # ---- the global network --------------------------------------------------------------
     @torch.no_grad()
-    def global_model(self, dst: int, fold: bool) -> tuple[nn.Module | None, int]:
+    def global_model(self, dst: int | None, fold: bool) -> tuple[nn.Module | None, int]:
         blocks: list[nn.Module] = []
-        if self.rank == dst:
+        here = dst in (None, self.rank)
+        if here:
             blocks = [self.sections[s].new_block() for s in self.block_section]
         sent = gather_blocks(self.slots, self.slot_blocks, self.plan, self.topology, dst, blocks)
-        if self.rank != dst:
+        if not here:
             return None, sent
         # A copy of the user's network around the original sections (each an nn.Sequential).
         places = [get_submodule_parent(self.module, name) for name in self.section_names]

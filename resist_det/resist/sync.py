@@ -211,30 +211,32 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
 
 @torch.no_grad()
 def gather_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], plan: Plan, topology: Topology,
-                  dst: int, out: Sequence[nn.Module]) -> int:
-    """Copy every partitioned block into ``out[b]`` on global rank ``dst`` from one holder each.
+                  dst: int | None, out: Sequence[nn.Module]) -> int:
+    """Copy every partitioned block into ``out[b]`` on global rank ``dst`` (every rank: ``None``),
+    from one holder each.
 
-    Collective: every rank calls it.  ``out`` is only touched on ``dst``.
+    Collective: every rank calls it.  ``out`` is only touched on the receiving ranks.
     """
     rank, top = topology.rank, topology
+    dsts = range(top.world) if dst is None else [dst]
     sends, recvs, incoming = [], [], {}
     for b in range(plan.num_blocks):
         holders = plan.holders(b)
-        src = dst if top.worker_of(dst) in holders else top.first_rank(holders[0])
-        if rank == src:
-            flat = _flatten_dense_tensors(block_tensors(slots[list(slot_blocks).index(b)]))
-            if rank == dst:
-                incoming[b] = flat
-            else:
-                sends.append((flat, dst, b))
-        elif rank == dst:
-            buf = _flat_buffer(block_tensors(out[b]))
-            recvs.append((buf, src, b))
-            incoming[b] = buf
+        for d in dsts:
+            src = d if top.worker_of(d) in holders else top.first_rank(holders[0])
+            if rank == src:
+                flat = _flatten_dense_tensors(block_tensors(slots[list(slot_blocks).index(b)]))
+                if rank == d:
+                    incoming[b] = flat
+                else:
+                    sends.append((flat, d, b))
+            elif rank == d:
+                buf = _flat_buffer(block_tensors(out[b]))
+                recvs.append((buf, src, b))
+                incoming[b] = buf
     sent = top.send_to_rank(sends, recvs)
-    if rank == dst:
-        for b, flat in incoming.items():
-            t = block_tensors(out[b])
-            for x, v in zip(t, _unflatten_dense_tensors(flat, t)):
-                x.copy_(v)
+    for b, flat in incoming.items():
+        t = block_tensors(out[b])
+        for x, v in zip(t, _unflatten_dense_tensors(flat, t)):
+            x.copy_(v)
     return sent
