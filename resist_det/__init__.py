@@ -17,6 +17,10 @@ __all__ = ["__version__", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "torch":  # the plain-PyTorch shell, resist_det.torch
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
     if name in _LAZY:
         from . import resist
 

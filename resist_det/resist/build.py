@@ -74,7 +74,7 @@ def initialize(
     ds_config, rc, args = _resolve_config(args, config, config_params, resist)
     check_deepspeed_config(ds_config, rc.mode)
     _init_process_group()
-    _check_same_config(rc)
+    check_same_config(rc)
     topology = build_topology(rc.topology, rc.mode)
     if topology.node and mpu is not None:
         raise ValueError("resist.topology 'node' makes each machine's ranks DeepSpeed's data-parallel group through its own "
@@ -84,7 +84,7 @@ def initialize(
     sub: dict[str, Any] = {}
     stash: list[dict[str, torch.Tensor]] = []
     if rc.mode == "resist":
-        model, model_parameters, sub, stash = _make_sub_resnet(model, model_parameters, optimizer, rc, topology)
+        model, model_parameters, sub, stash = make_sub_network(model, model_parameters, optimizer, rc, topology)
     elif model_parameters is None:
         model_parameters = [p for p in model.parameters() if p.requires_grad]
 
@@ -152,7 +152,7 @@ def _init_process_group() -> None:
         deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
 
 
-def _check_same_config(rc: ResISTConfig) -> None:
+def check_same_config(rc: ResISTConfig) -> None:
     """All ranks must run with the same ``resist`` section (compared by hash, before training)."""
     digests: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(digests, rc.digest())
@@ -174,7 +174,7 @@ def _take_over_clipping(ds_config: dict[str, Any], mode: str) -> float:
 
 
 @torch.no_grad()
-def _same_start(model: nn.Module) -> None:
+def same_start(model: nn.Module) -> None:
     """Give every rank rank 0's weights before blocks are dropped (as DeepSpeed's broadcast does
     for the layers it sees), so a block held by several ranks starts from one copy."""
     if dist.get_world_size() > 1:
@@ -194,7 +194,7 @@ def _block_sizes(model: nn.Module, names: list[str]) -> list[int]:
             for n in names]
 
 
-def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig, topology: Topology):
+def make_sub_network(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig, topology: Topology):
     """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the
     strategy's arguments (empty when the plan degenerates into local SGD), and a copy of its
     blocks to restore after DeepSpeed's broadcast."""
@@ -238,7 +238,7 @@ def _make_sub_resnet(model: nn.Module, model_parameters: Any, optimizer: Any, rc
             raise ValueError("parameter groups cannot refer to a model on the meta device; build it on a real device")
         groups = None
     if not meta:
-        _same_start(model)
+        same_start(model)
     sizes = _block_sizes(model, names)
     per_section = [section_of(names)[1].count(s) for s in range(len(section_of(names)[0]))]
     k = blocks_per_worker(world, len(names), min_blocks)
