@@ -352,3 +352,42 @@ def test_bad_config_fails_before_training(tmp_path, cfgs, layers, world, msg):
 
     errors = run_on_ranks(_expect_error, world, tmp_path, cfgs, layers)
     assert all(e is not None and re.search(msg, e) for e in errors), errors
+
+
+# ---- evaluation through the engine scores the whole network -----------------------------------
+def _test_through_engine(model_engine, gen):
+    """As DeepSpeed's CIFAR example's test(): eval(), forward through the engine, train()."""
+    model_engine.eval()
+    x, _ = _batch(gen, n=16)
+    with torch.no_grad():
+        out = model_engine(x)
+    model_engine.train()
+    return out
+
+
+def _eval_through_engine(rank, world):
+    import resist_det
+
+    engine, *_ = resist_det.initialize(model=_build("stock", 3), config=_cfg(local_steps=2, min_blocks=1, seed=3))
+    _train(engine, 3, torch.Generator().manual_seed(rank))  # mid-round
+    through = _test_through_engine(engine, torch.Generator().manual_seed(9))
+    training = engine.module.training
+    whole = [engine.global_model(dst=d) for d in range(world)][rank]  # evaluated separately, on this rank
+    x = _batch(torch.Generator().manual_seed(9), n=16)[0]
+    whole.eval()
+    engine.module.eval()  # this rank's sub-network, for contrast (eval: its BN statistics stay)
+    with torch.no_grad():
+        direct, sub = whole(x), engine.module(x)
+    return through, direct, sub, training
+
+
+def test_eval_through_the_engine_scores_the_global_network(tmp_path):
+    """A script that evaluates through the engine (model_engine.eval(); model_engine(x)) gets the
+    whole network on every rank, equal to global_model() evaluated separately; train() returns
+    to the sub-network."""
+    res = run_on_ranks(_eval_through_engine, 2, tmp_path)
+    for through, direct, sub, training in res:
+        assert torch.equal(through, direct)
+        assert not torch.allclose(through, sub)
+        assert training
+    assert torch.equal(res[0][0], res[1][0])

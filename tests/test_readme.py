@@ -7,18 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_dropin_example_runs(tmp_path):
+@pytest.mark.parametrize("example", ["dropin", "plain"])
+def test_readme_example_runs(tmp_path, example):
+    """The DeepSpeed drop-in and the plain-PyTorch example, each on 2 ranks under torchrun."""
     text = README.read_text()
-    block = re.search(r"<!-- dropin:start -->\s*```python\n(.*?)```\s*<!-- dropin:end -->", text, re.S)
-    assert block, "README lost its drop-in example"
+    block = re.search(rf"<!-- {example}:start -->\s*```python\n(.*?)```\s*<!-- {example}:end -->", text, re.S)
+    assert block, f"README lost its {example} example"
     script = tmp_path / "user_script.py"
     script.write_text(block.group(1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     try:
         out, err = proc.communicate(timeout=300)
     finally:

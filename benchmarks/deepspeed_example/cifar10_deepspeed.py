@@ -62,6 +62,17 @@ def get_ds_config(args):
     }
 
 
+def test(model_engine, testset):
+    """Accuracy on the test set, evaluated through the engine (DeepSpeed's example does the same)."""
+    model_engine.eval()
+    correct = 0
+    with torch.no_grad():
+        for inputs, labels in torch.utils.data.DataLoader(testset, batch_size=250):
+            correct += (model_engine(inputs).argmax(1) == labels).sum().item()
+    model_engine.train()
+    return correct / len(testset)
+
+
 def main():
     args = get_args()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -87,17 +98,10 @@ def main():
             losses.append(loss.item())
     wall = time.perf_counter() - start
 
-    # The whole network: the engine's own module is this rank's sub-network under ResIST.
-    whole = model_engine.global_model() if hasattr(model_engine, "global_model") else model_engine.module
+    accuracy = test(model_engine, testset)  # every rank evaluates, as DeepSpeed's example does
     if torch.distributed.get_rank() == 0:
-        whole.eval()
-        correct = 0
-        with torch.no_grad():
-            for inputs, labels in torch.utils.data.DataLoader(testset, batch_size=250):
-                correct += (whole(inputs).argmax(1) == labels).sum().item()
-        print("RESULT " + json.dumps({"accuracy": correct / len(testset), "steps": model_engine.global_steps, "wall": wall,
+        print("RESULT " + json.dumps({"accuracy": accuracy, "steps": model_engine.global_steps, "wall": wall,
                                       "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10}), flush=True)
-
 
 if __name__ == "__main__":
     main()
