@@ -77,8 +77,9 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help="VOC split of the test set, e.g. test.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write the JSON report (default: next to the checkpoint).")] = None,
+    metric: Annotated[str, typer.Option(help="voc (VOC AP), or coco (COCO AP via pycocotools, beside VOC AP).")] = "voc",
 ) -> None:
-    """Evaluate a trained global network: per-class AP table and mAP (VOC07 11-point and all-point)."""
+    """Evaluate a trained global network: per-class AP table and mAP (VOC07 11-point and all-point; --metric coco: COCO AP too)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -86,7 +87,7 @@ def evaluate(
     from .train.evaluate import evaluate_checkpoint
 
     try:
-        report = evaluate_checkpoint(checkpoint, data_root=data, year=year, split=split, limit=limit)
+        report = evaluate_checkpoint(checkpoint, data_root=data, year=year, split=split, limit=limit, metric=metric)
     except (FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     m = report["metrics"]
@@ -99,6 +100,10 @@ def evaluate(
             table.add_row(name, f"{row['ap_07']:.4f}", f"{row['ap_all']:.4f}", str(row["npos"]), str(row["num_detections"]))
         table.add_row("[bold]mAP", f"[bold]{m['map_07']:.4f}", f"[bold]{m['map_all']:.4f}", "", "")
         console.print(table)
+        if "coco" in m:
+            c = m["coco"]
+            console.print(f"COCO AP@[.5:.95] {c['AP']:.4f}  AP50 {c['AP50']:.4f}  AP75 {c['AP75']:.4f}  "
+                          f"AR100 {c['AR100']:.4f}  (pycocotools)")
     else:
         console.print(f"accuracy {m['accuracy']:.4f} on {m['num_test']} images")
     console.print(f"test loss {m['test_loss']:.4f}")
@@ -272,15 +277,24 @@ def data_shapes(
     images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 1200,
     size: Annotated[int, typer.Option(min=32, help="Image side in pixels.")] = 128,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    format: Annotated[str, typer.Option("--format", help="voc (a VOCdevkit tree), or coco (also a COCO tree in <out>/coco: "
+                                        "train2017 = VOC trainval, val2017 = VOC test, annotations/instances_*.json).")] = "voc",
 ) -> None:
-    """Write a synthetic VOC-format set of coloured shapes (JPEGs, XML annotations, ImageSets)."""
-    from .data.shapes import write_shapes_dataset
+    """Write a synthetic VOC-format set of coloured shapes (JPEGs, XML annotations, ImageSets); --format coco adds
+    the COCO layout that torchvision's detection reference and pycocotools read."""
+    from .data.shapes import SHAPES_CLASSES, write_shapes_dataset
 
+    if format not in ("voc", "coco"):
+        raise _fail(f"--format: expected 'voc' or 'coco', got {format!r}")
     try:
         root = write_shapes_dataset(out, images, image_size=size, seed=seed)
+        if format == "coco":
+            from .data.coco_export import write_coco_layout
+
+            coco = write_coco_layout(root / "VOC2007", Path(out) / "coco", SHAPES_CLASSES)
     except OSError as e:
         raise _fail(f"--out {out}: cannot write the dataset there ({e.strerror or e}: {e.filename or out})") from None
-    typer.echo(f"wrote {images} images to {root}")
+    typer.echo(f"wrote {images} images to {root}" + (f" and the COCO layout to {coco}" if format == "coco" else ""))
 
 
 @app.command()

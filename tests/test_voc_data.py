@@ -334,10 +334,54 @@ def test_train_cli_refuses_bad_images_before_starting_ranks_and_skips_them_on_re
     assert saved["recipe"]["data"]["classes"] == saved["class_names"] == ["circle", "square", "triangle"]
     # evaluation on other data whose classes differ (one renamed) is refused, naming the class
     other = write_shapes_dataset(tmp_path / "other", 12, image_size=64, seed=4)
-    ok = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(other), "--out", str(tmp_path / "r.json")])
+    ok = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(other), "--out", str(tmp_path / "r.json"),
+                                  "--metric", "coco"])
     assert ok.exit_code == 0, ok.output
+    coco = json.loads((tmp_path / "r.json").read_text())["metrics"]["coco"]  # COCO AP beside VOC AP
+    assert 0.0 <= coco["AP"] <= coco["AP50"] <= 1.0 and "COCO AP@[.5:.95]" in ok.output
+    assert set(coco["per_class_ap"]) == {"circle", "square", "triangle"}
     for f in (other / "VOC2007" / "Annotations").glob("*.xml"):
         f.write_text(f.read_text().replace("<name>circle</name>", "<name>disc</name>").replace("<name>square</name>", "<name>box</name>"))
     refused = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(other)])
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert ("'disc'" in refused.output or "'box'" in refused.output) and "not in the class list" in refused.output
+
+
+def test_shapes_in_the_coco_layout_read_back_with_pycocotools(tmp_path: Path) -> None:
+    """``data shapes --format coco``: pycocotools loads the tree; every VOC box is there in COCO's
+    convention (by hand for one), and the ground truth scored as detections is AP 1.0 through
+    pycocotools on the files and through resist_det.eval.coco on the VOC side."""
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from typer.testing import CliRunner
+
+    from resist_det.cli import app
+    from resist_det.data.shapes import SHAPES_CLASSES
+    from resist_det.data.voc_xml import parse_voc_xml
+    from resist_det.eval.coco import coco_evaluate
+
+    res = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path), "--images", "20", "--size", "64", "--format", "coco"])
+    assert res.exit_code == 0, res.output
+    year, coco_dir = tmp_path / "VOCdevkit" / "VOC2007", tmp_path / "coco"
+    index = {c: i for i, c in enumerate(SHAPES_CLASSES)}
+    for split, voc in (("train2017", "trainval"), ("val2017", "test")):
+        gt = COCO(str(coco_dir / "annotations" / f"instances_{split}.json"))
+        ids = (year / "ImageSets" / "Main" / f"{voc}.txt").read_text().split()
+        assert [gt.imgs[i]["file_name"] for i in sorted(gt.imgs)] == [f"{n}.jpg" for n in ids]
+        assert all((coco_dir / split / f"{n}.jpg").is_file() for n in ids)
+        records = [parse_voc_xml(year / "Annotations" / f"{n}.xml", index) for n in ids]
+        assert len(gt.anns) == sum(len(r.boxes) for r in records)
+        first = gt.loadAnns(gt.getAnnIds(imgIds=[1]))[0]
+        x0, y0, x1, y1 = records[0].boxes[0].tolist()
+        assert first["bbox"] == [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1]
+        assert first["category_id"] == int(records[0].labels[0]) + 1
+        dets = [{**a, "score": 1.0} for a in gt.loadAnns(gt.getAnnIds())]
+        ev = COCOeval(gt, gt.loadRes(json.loads(json.dumps(dets))), iouType="bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        ours = coco_evaluate([{"boxes": r.boxes, "labels": r.labels, "scores": [1.0] * len(r.boxes)} for r in records],
+                             [{"boxes": r.boxes, "labels": r.labels} for r in records], len(SHAPES_CLASSES))
+        assert ev.stats[0] == ours.stats["AP"] == 1.0
+    bad = CliRunner().invoke(app, ["data", "shapes", "--out", str(tmp_path), "--images", "2", "--format", "yolo"])
+    assert bad.exit_code == 1 and "--format: expected 'voc' or 'coco'" in bad.output

@@ -57,8 +57,12 @@ def evaluate_checkpoint(
     split: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    metric: str = "voc",
 ) -> dict[str, Any]:
-    """Metrics of a saved global network on a test set (default: the recipe's own)."""
+    """Metrics of a saved global network on a test set (default: the recipe's own); ``metric``
+    ``"coco"`` adds a detector's COCO AP (pycocotools) to its VOC AP."""
+    if metric not in ("voc", "coco"):
+        raise ValueError(f"--metric: expected 'voc' or 'coco', got {metric!r}")
     saved, recipe = load_global_model(checkpoint)
     overrides: dict[str, Any] = {}
     if data_root is not None:
@@ -78,7 +82,9 @@ def evaluate_checkpoint(
                          f"the network was trained on {list(trained)}; scoring one class's output as another would be wrong")
     net = task.make_model(None)
     net.load_state_dict(saved["model"])
-    metrics = task.evaluate(net, batch_size=batch_size, conf_threshold=recipe.train.conf_threshold)
+    if metric == "coco" and recipe.data.kind != "voc":
+        raise ValueError(f"--metric coco applies to detection checkpoints; this one is a {recipe.data.kind} classifier")
+    metrics = task.evaluate(net, batch_size=batch_size, conf_threshold=recipe.train.conf_threshold, metric=metric)
     return {
         "checkpoint": str(_checkpoint_file(checkpoint)),
         "mode": recipe.resist.mode,

@@ -43,13 +43,14 @@ class Task:
         return images.to(device, non_blocking=True), targets
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batch_size: int, conf_threshold: float = 0.005) -> dict[str, Any]:
-        """Metrics of ``model`` on the test set (the assembled global network, in eval mode)."""
+    def evaluate(self, model: nn.Module, batch_size: int, conf_threshold: float = 0.005, metric: str = "voc") -> dict[str, Any]:
+        """Metrics of ``model`` on the test set (the assembled global network, in eval mode); a
+        detector's VOC AP, and with ``metric="coco"`` also COCO AP (pycocotools) under ``"coco"``."""
         model.eval()
         loader = DataLoader(self.test_set, batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         if self.kind == "classification":
             return _evaluate_classifier(model, loader, self.loss_fn)
-        return _evaluate_detector(model, loader, self, conf_threshold)
+        return _evaluate_detector(model, loader, self, conf_threshold, metric)
 
 
     @torch.no_grad()
@@ -97,7 +98,7 @@ def _evaluate_classifier(model: nn.Module, loader: DataLoader, loss_fn) -> dict[
     return {"accuracy": correct / total, "test_loss": loss_sum / total, "num_test": total}
 
 
-def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_threshold: float) -> dict[str, Any]:
+def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_threshold: float, metric: str = "voc") -> dict[str, Any]:
     from ..data.transforms import boxes_to_original
     from ..eval.voc_ap import evaluate_detections
 
@@ -122,6 +123,11 @@ def _evaluate_detector(model: nn.Module, loader: DataLoader, task: Task, conf_th
     result = evaluate_detections(detections, truths, task.num_classes, class_names=task.class_names)
     out = result.to_dict()
     out.update(test_loss=loss_sum / max(n, 1), num_test=n)
+    if metric == "coco":
+        from ..eval.coco import coco_evaluate
+
+        coco = coco_evaluate(detections, truths, task.num_classes)
+        out["coco"] = {**coco.stats, "per_class_ap": dict(zip(task.class_names, map(float, coco.per_class_ap)))}
     return out
 
 
