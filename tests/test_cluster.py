@@ -218,3 +218,29 @@ def test_plan_predicts_wire_seconds_by_hand():
     assert res.exit_code == 0 and f"{t['local_sgd_round']:.2f}" in res.output and f"{10 * t['ddp_step']:.2f}" in res.output
     bad = CliRunner().invoke(app, ["plan", "--rate", "fast"])
     assert bad.exit_code == 1 and "--rate" in bad.output
+
+
+@needs_network
+def test_a_cluster_run_killed_by_sigkill_is_swept_by_the_next_one(tmp_path):
+    """``resist-det cluster`` SIGKILLed mid-run leaves its namespaces, torchrun nodes and ranks;
+    the next ``resist-det cluster`` removes them (their owner is gone) and leaves a live run's alone."""
+    from resist_det.cluster import EmulatedNetwork
+
+    marker = f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / f"{marker}.py").write_text("import time\ntime.sleep(600)\n")  # its name marks the ranks
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    cli = [sys.executable, "-m", "resist_det.cli", "cluster"]
+    victim = subprocess.Popen([*cli, str(tmp_path / f"{marker}.py"), "--nodes", "2", "--logs", str(tmp_path / "a")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with EmulatedNetwork(1, [1e9], tag="rdclive") as live:  # a live process's cluster: never swept
+        assert wait_until(lambda: len(_running(marker)) >= 2, timeout=120), "the sleepers never started"
+        victim.kill()
+        victim.wait()
+        assert _left(victim.pid) and _running(marker)  # what SIGKILL leaves behind
+        out = subprocess.run([*cli, str(tmp_path / "ok.py"), "--nodes", "1", "--logs", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"removed emulated cluster {PREFIX}{victim.pid % 100000} left by a run that is gone (pid {victim.pid})" in out.stderr
+        assert _left(victim.pid) == [] and wait_until(lambda: not _running(marker), timeout=10)
+        assert leftovers(live.tag)  # the live one is still there
+    assert leftovers("rdclive") == []

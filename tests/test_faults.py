@@ -294,6 +294,31 @@ def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):
     assert not (tmp_path / "a" / ".resist_det.lock").exists()  # released at the end
 
 
+def test_ctrl_c_stops_the_run_with_130_and_no_traceback(tmp_path):
+    """Ctrl-C at a terminal (SIGINT to the whole foreground process group) stops the launcher and
+    every rank; the CLI exits 130, the shell's code for SIGINT, with no traceback."""
+    write_idx(tmp_path / "fmnist", n_train=48, n_test=16)
+    recipe = _recipe(tmp_path, "run")
+    recipe["train"]["epochs"] = 1000
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    run = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: logged_a_step(tmp_path / "run" / "metrics.jsonl"), 180, lambda: run.poll() is None, poll=0.5)
+        ranks = [_rank_pid(str(path), r) for r in (0, 1)]
+        assert all(ranks), "the run did not start training: " + (run.stdout.read() if run.poll() is not None else "")
+        os.killpg(run.pid, signal.SIGINT)
+        out = run.communicate(timeout=60)[0]
+        assert run.returncode == 130 and "Traceback" not in out, out[-3000:]
+        assert wait_until(lambda: not [p for p in ranks if Path(f"/proc/{p}").exists() and "Z" not in process_state(p)], 10)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert not (tmp_path / "run" / ".resist_det.lock").exists()
+
+
 def test_a_folder_in_use_is_refused_before_any_rank_starts(tmp_path):
     """A live holder of the run lock (this test's own process) makes ``resist-det train`` refuse
     at once, naming the folder and the holder, and leaves the lock alone."""

@@ -11,4 +11,7 @@ import sys
 from resist_det.train.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank of the terminal's process group: stop quietly
+        sys.exit(130)

@@ -7,12 +7,13 @@ node per machine through a real multi-node launcher (torchrun or DeepSpeed's) an
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .launch import ClusterRun, run_on_cluster, training_command
-from .network import ClusterError, EmulatedNetwork, check_privileges, leftovers, parse_rate
+from .network import ClusterError, EmulatedNetwork, check_privileges, leftovers, parse_rate, sweep_dead_clusters
 
 __all__ = ["ClusterError", "ClusterRun", "EmulatedNetwork", "check_privileges", "leftovers", "parse_rate",
            "run_cluster", "node_rates", "training_command"]
@@ -51,6 +52,8 @@ def run_cluster(target: str, args: list[str], *, nodes: int, rates: list[float],
     if launcher not in ("torchrun", "deepspeed"):
         raise ClusterError(f"launcher {launcher!r}: expected 'torchrun' or 'deepspeed'")
     command = training_command(target, args)
+    for tag, pid in sweep_dead_clusters():
+        print(f"resist-det cluster: removed emulated cluster {tag} left by a run that is gone (pid {pid})", file=sys.stderr)
     with _sigterm_as_interrupt(), EmulatedNetwork(nodes, rates) as net:
         return run_on_cluster(net, command, nproc_per_node=nproc_per_node, log_dir=log_dir, stream=stream, env=env,
                               timeout=timeout, launcher=launcher, stop_when=stop_when)

@@ -15,6 +15,7 @@ Needs root (``CAP_NET_ADMIN``), ``ip`` and ``tc``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,11 +24,13 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["ClusterError", "EmulatedNetwork", "check_privileges", "leftovers", "parse_rate", "PREFIX", "SUBNET"]
+__all__ = ["ClusterError", "EmulatedNetwork", "check_privileges", "leftovers", "parse_rate", "sweep_dead_clusters", "PREFIX",
+           "SUBNET"]
 
 PREFIX = "rdc"  # every namespace and temporary link this module creates starts with it
 SUBNET = "10.201.0"  # node i has SUBNET.(i+1)/24, inside its own namespace only
 NIC = "eth0"
+OWNERS = Path("/run/resist_det")  # <tag>.json: the process that owns cluster <tag> (pid and start time)
 
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
           "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9}  # tc's units: *bit are bits/s, *bps bytes/s
@@ -81,6 +84,67 @@ def leftovers(tag: str | None = None) -> list[str]:
     return [f"netns {n}" for n in ns if n.startswith(ns_prefix)] + [f"link {n}" for n in names if n.startswith(link_prefix)]
 
 
+def _start_time(pid: int) -> str | None:
+    """Process ``pid``'s start time (clock ticks since boot, /proc/<pid>/stat field 22); ``None`` if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_alive(tag: str) -> tuple[bool, int | None]:
+    """Is the process that created cluster ``tag`` still running?  (Its pid from the owner file,
+    else from the tag itself, ``rdc<pid % 100000>``.)  A reused pid with another start time is not it."""
+    record = OWNERS / f"{tag}.json"
+    try:
+        owner = json.loads(record.read_text())
+        pid, start = int(owner["pid"]), str(owner["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        digits = tag[len(PREFIX):]
+        if not digits.isdigit():
+            return True, None  # not one of ours to judge
+        pid, start = int(digits), None
+    now = _start_time(pid)
+    return now is not None and (start is None or now == start), pid
+
+
+def _teardown(tag: str, namespaces: list[str]) -> None:
+    """Kill every process inside ``namespaces`` and delete them and any host link of ``tag``."""
+    for ns in namespaces:
+        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+        for p in (int(x) for x in r.stdout.split()):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for ns in namespaces:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    for name in leftovers(tag):
+        if name.startswith("link "):
+            subprocess.run(["ip", "link", "del", name.split()[1]], capture_output=True)
+    (OWNERS / f"{tag}.json").unlink(missing_ok=True)
+
+
+def sweep_dead_clusters() -> list[tuple[str, int | None]]:
+    """Remove emulated clusters whose creating process is gone (a ``resist-det cluster`` killed
+    by SIGKILL leaves its namespaces, torchrun nodes and ranks behind); clusters of live
+    processes are left alone.  Returns ``(tag, owner pid)`` of each cluster removed."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    by_tag: dict[str, list[str]] = {}
+    for line in listed:
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX) and "-" in name:
+            by_tag.setdefault(name.split("-", 1)[0], []).append(name)
+    swept = []
+    for tag, namespaces in sorted(by_tag.items()):
+        alive, pid = _owner_alive(tag)
+        if not alive:
+            _teardown(tag, namespaces)
+            swept.append((tag, pid))
+    return swept
+
+
 class EmulatedNetwork:
     """``nodes`` namespaces on one bridge, NIC egress shaped to ``rates[i]`` bits/s.
 
@@ -121,6 +185,8 @@ class EmulatedNetwork:
         if clash:
             raise ClusterError(f"an emulated cluster named {self.tag} already exists ({', '.join(clash)})")
         self.up = True  # from here on close() has something to remove
+        OWNERS.mkdir(parents=True, exist_ok=True)  # who owns it: a later run removes it if this process dies
+        (OWNERS / f"{self.tag}.json").write_text(json.dumps({"pid": os.getpid(), "start": _start_time(os.getpid())}))
         _ip("netns", "add", self.switch)
         _netns(self.switch, "ip", "link", "add", "br0", "type", "bridge")
         _netns(self.switch, "ip", "link", "set", "br0", "up")
@@ -190,4 +256,5 @@ class EmulatedNetwork:
         for name in leftovers(self.tag):
             if name.startswith("link "):  # a veth pair not yet moved when creation failed
                 subprocess.run(["ip", "link", "del", name.split()[1]], capture_output=True)
+        (OWNERS / f"{self.tag}.json").unlink(missing_ok=True)
         self.up = False
