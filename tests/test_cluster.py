@@ -244,3 +244,17 @@ def test_a_cluster_run_killed_by_sigkill_is_swept_by_the_next_one(tmp_path):
         assert _left(victim.pid) == [] and wait_until(lambda: not _running(marker), timeout=10)
         assert leftovers(live.tag)  # the live one is still there
     assert leftovers("rdclive") == []
+
+
+@needs_network
+def test_a_failed_node_is_named_in_one_line(tmp_path):
+    """A rank failing on node 1 only: the cluster run says which node failed and how, with the
+    rank's own one-line report, and no launcher traceback."""
+    script = tmp_path / "fails_on_node1.py"
+    script.write_text("import os, sys\nif os.environ['GROUP_RANK'] == '1':\n    sys.exit(3)\n")
+    out = subprocess.run([*CLI, "cluster", str(script), "--nodes", "2", "--logs", str(tmp_path / "logs")],
+                         capture_output=True, text=True, timeout=180)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "resist-det cluster: node 1 (10.201.0.2) failed, its launcher exit code 1: resist-det: rank 1 (local_rank: 0, pid" in text
+    assert "failed: exit code 3" in text and "Traceback" not in text, text[-3000:]

@@ -1,6 +1,6 @@
 """Run one training job across the emulated machines, through a real multi-node launcher.
 
-Each node runs ``python -m torch.distributed.run --nnodes N --node_rank i --master_addr <node 0>``
+Each node runs ``python -m resist_det.train.agent --nnodes N --node_rank i --master_addr <node 0>``
 (or DeepSpeed's launcher with a hostfile and ``--no_ssh --node_rank i``) inside its namespace
 with ``GLOO_SOCKET_IFNAME`` set to its shaped NIC, exactly as on real machines.  Node 0's output is streamed; the others go to ``node<i>.log``.  When one node fails the
 others are stopped; whatever happens, the network is torn down before returning.
@@ -72,8 +72,8 @@ def launcher_command(launcher: str, net: EmulatedNetwork, node: int, nproc_per_n
                      log_dir: Path) -> list[str]:
     """How node ``node`` starts its ranks: torchrun's multi-node rendezvous, or DeepSpeed's launcher
     with a hostfile (``--no_ssh``: each machine starts its own part, as pdsh would over ssh)."""
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(net.nodes), "--node_rank", str(node),
+    if launcher == "torchrun":  # torchrun's agent, naming a failed rank in one line (resist_det.train.agent)
+        return [sys.executable, "-m", "resist_det.train.agent", "--nnodes", str(net.nodes), "--node_rank", str(node),
                 "--nproc_per_node", str(nproc_per_node), "--master_addr", net.address(0),
                 "--master_port", str(MASTER_PORT), *command]
     if launcher == "deepspeed":
@@ -83,6 +83,16 @@ def launcher_command(launcher: str, net: EmulatedNetwork, node: int, nproc_per_n
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
                 "--node_rank", str(node), "--master_addr", net.address(0), "--master_port", str(MASTER_PORT), *target]
     raise ClusterError(f"launcher {launcher!r}: expected 'torchrun' or 'deepspeed'")
+
+
+def node_failure(net: EmulatedNetwork, node: int, code: int, log: Path) -> str:
+    """One line: which machine failed, how, and what its ranks said (their one-line reasons)."""
+    from ..train.agent import describe_exit
+
+    said = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+            if ln.startswith(("resist-det: rank", "error:"))] if log.is_file() else []
+    return (f"resist-det cluster: node {node} ({net.address(node)}) failed, its launcher {describe_exit(code)}"
+            + (f": {'; '.join(said[-4:])}" if said else "") + f" (log: {log})")
 
 
 def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: int = 1, log_dir: str | Path,
@@ -96,6 +106,7 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
     code, wall time and NIC counters."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[int, int]] = []
     threads = max(1, (os.cpu_count() or 1) // (net.nodes * nproc_per_node))
     node_env = {"GLOO_SOCKET_IFNAME": NIC, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
                 "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}  # no internet inside the namespaces
@@ -116,6 +127,7 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
         while True:
             codes = [p.poll() for p in procs]  # every node polled: a failure anywhere ends the run
             if None not in codes or any(c for c in codes if c is not None):
+                failed = [(i, c) for i, c in enumerate(codes) if c]  # before the others are stopped
                 break
             if (timeout is not None and time.monotonic() - start > timeout) or (stop_when is not None and stop_when()):
                 codes = [124]
@@ -130,6 +142,8 @@ def run_on_cluster(net: EmulatedNetwork, command: list[str], *, nproc_per_node: 
             t.join(timeout=5)
         for log in logs:
             log.close()
+    for i, c in failed:
+        print(node_failure(net, i, c, log_dir / f"node{i}.log"), file=sys.stderr, flush=True)
     nics = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
     run = ClusterRun(code, wall, net.rates, nics, [str(log_dir / f"node{i}.log") for i in range(net.nodes)])
     tmp = log_dir / "cluster.json.tmp"
