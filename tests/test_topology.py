@@ -216,3 +216,27 @@ def test_nic_bytes_counted_equal_the_planners_prediction(tmp_path):
     node = sum(map(max, predicted["node"]["nic_rounds"]))
     rank = sum(map(max, predicted["rank"]["nic_rounds"]))
     assert node < rank
+
+
+def test_training_loop_with_node_resumes_to_the_uninterrupted_result(tmp_path):
+    """The recipe loop on 2 machines x 2 ranks with topology node: 2 epochs straight, against 1
+    epoch then --resume for the 2nd: equal global models; epoch records carry NIC bytes per machine."""
+    import json
+
+    from helpers import write_idx
+    from test_train import _final, _recipe, _train_rank
+
+    write_idx(tmp_path / "fmnist", n_train=64, n_test=16)
+    straight = _recipe(tmp_path, "straight", topology="node")
+    straight["train"]["epochs"] = 2
+    run_on_ranks(_train_rank, 4, tmp_path / "a", straight, False, nodes=2, timeout=300)
+    first = {**straight, "train": {**straight["train"], "output_dir": str(tmp_path / "resumed"), "epochs": 1}}
+    run_on_ranks(_train_rank, 4, tmp_path / "b", first, False, nodes=2, timeout=300)
+    second = {**first, "train": {**first["train"], "epochs": 2}}
+    run_on_ranks(_train_rank, 4, tmp_path / "c", second, True, nodes=2, timeout=300)
+    (want, rounds_a), (got, rounds_b) = _final(tmp_path, "straight"), _final(tmp_path, "resumed")
+    assert rounds_a == rounds_b
+    assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
+    epochs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    nic = [r["nic_bytes"] for r in epochs if r["event"] == "epoch"]
+    assert all(len(n) == 2 and all(b > 0 for b in n) for n in nic) and nic[1][0] > nic[0][0]
