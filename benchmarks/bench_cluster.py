@@ -40,12 +40,19 @@ PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total
          "Table 6 (Pascal VOC, 2-4 machines) 1.49-1.64x; Table 5 (ImageNet, time to accuracy) 1.02-1.25x")
 
 
+#: PyTorch's own tools, run by benchmarks/peer_train.py on the same recipe: label -> its arguments.
+PEERS = {"powersgd1": ["--peer", "powersgd", "--powersgd-rank", "1"], "powersgd4": ["--peer", "powersgd", "--powersgd-rank", "4"],
+         "post_local_sgd": ["--peer", "post_local_sgd"]}
+
+
 def split_mode(label: str) -> tuple[str, int]:
-    """``resist_8bit`` -> (``resist``, 8); ``local_sgd@node`` -> (``local_sgd``, 32)."""
+    """``resist_8bit`` -> (``resist``, 8); ``local_sgd@node`` -> (``local_sgd``, 32); a peer -> (its label, 32)."""
+    if label in PEERS:
+        return label, 32
     m = re.fullmatch(r"(resist|local_sgd|ddp)(?:_(\d)bit)?(?:@(rank|node))?", label)
     if not m or (m.group(1) == "ddp" and (m.group(2) or m.group(3))):
         raise SystemExit(f"error: --modes: unknown mode {label!r} (resist, local_sgd, ddp, or resist_8bit / local_sgd_8bit ..., "
-                         "each with @rank or @node for resist.topology)")
+                         f"each with @rank or @node for resist.topology; or a peer: {', '.join(PEERS)})")
     return m.group(1), int(m.group(2) or 32)
 
 
@@ -62,7 +69,8 @@ def overrides(args, label: str, seed: int, out: Path) -> dict:
     else:  # the paper's shape: section 3 of 23 blocks, most of the parameters
         net = {"model.layers": [1, 1, 23, 1], "model.base_width": 8, "model.seed": seed, "resist.min_blocks": 5}
     return {
-        **net, "resist.mode": mode, "resist.compression": {"bits": bits}, "resist.topology": topology_of(label), "resist.local_steps": args.local_steps, "resist.seed": seed,
+        **net, "resist.mode": "local_sgd" if mode in PEERS else mode, "resist.compression": {"bits": bits},
+        "resist.topology": topology_of(label), "resist.local_steps": args.local_steps, "resist.seed": seed,
         "deepspeed.train_micro_batch_size_per_gpu": args.batch,
         "train.epochs": args.epochs, "train.max_steps_per_epoch": args.steps_per_epoch, "train.lr_schedule": {"milestones": drops, "gamma": 0.1},
         "train.seed": seed, "train.eval_every": 1, "train.checkpoint_every": 10**6, "train.log_every": 5,
@@ -132,7 +140,7 @@ def predicted(args, labels: list[str]) -> dict:
             secs = link_seconds(rep, parse_rate(rate))
             for label in labels:
                 mode, b = split_mode(label)
-                if b == bits:
+                if b == bits and mode not in PEERS:  # (no prediction for PyTorch's tools)
                     out[(rate, label)] = secs["ddp_step"] * args.local_steps if mode == "ddp" else secs[f"{mode}_round"]
     return out
 
@@ -170,6 +178,38 @@ def plot(results: dict, args, path: Path, base: str = "local_sgd", ours: str = "
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def peer_checks(results: dict, args, modes: list[str]) -> list[tuple[str, bool]]:
+    """ResIST against PyTorch's tools and 8-bit local SGD, when they ran (issue: the strongest peers)."""
+    peers = [m for m in modes if m in PEERS]
+    if not peers:
+        return []
+
+    def mean_t(rate, mode):
+        ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
+        return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
+
+    def final(rate, mode):
+        return _mean([100 * results[(rate, mode, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
+                      for s in args.seeds if (rate, mode, s) in results and results[(rate, mode, s)]["epochs"]
+                      and not results[(rate, mode, s)]["stopped"]])
+
+    low, high, out = args.rates[0], args.rates[-1], []
+    rivals = [m for m in peers + ["local_sgd_8bit"] if m in modes]
+    best_low = min((mean_t(low, m)[0], m) for m in rivals)
+    q8 = mean_t(low, "resist_8bit")
+    out.append((f"lowest rate ({low}): resist_8bit <= 0.5 x the best of {', '.join(rivals)} ({best_low[1]}: "
+                f"{q8[0]:.1f}s vs {best_low[0]:.1f}s)", q8[1] and q8[0] <= 0.5 * best_low[0]))
+    best_high = min((mean_t(high, m)[0], m) for m in rivals + [m for m in ("local_sgd", "ddp") if m in modes])
+    ours = mean_t(high, "resist")
+    out.append((f"highest rate ({high}): resist within 1.1 x the best peer ({best_high[1]}: {ours[0]:.1f}s vs {best_high[0]:.1f}s)",
+                ours[1] and ours[0] <= 1.1 * best_high[0]))
+    if "post_local_sgd" in modes and "local_sgd" in modes:
+        a, b = final(high, "post_local_sgd"), final(high, "local_sgd")
+        out.append((f"PyTorch post-local SGD matches the local_sgd mode (final accuracy within 0.5 point, same seeds, {high}): "
+                    f"{a:.2f}% vs {b:.2f}%", abs(a - b) <= 0.5))
+    return out
 
 
 def topology_summary(results: dict, args, modes: list[str], pred: dict, total: float) -> int:
@@ -318,7 +358,9 @@ def main() -> int:
                     if cap is not None:  # training time, not wall: start-up (the first broadcast at slow rates) is free
                         stop = lambda at_target=at_target, cap=cap, out=out: (
                             (at_target is not None and at_target()) or read_run(out)["trained_seconds"] >= cap)
-                    run = run_cluster(recipe, [*sets, "--no-progress"], nodes=args.nodes, rates=node_rates(args.nodes, rate),
+                    target, argv = (str(Path(__file__).with_name("peer_train.py")), [recipe, *PEERS[mode], *sets]) \
+                        if mode in PEERS else (recipe, [*sets, "--no-progress"])
+                    run = run_cluster(target, argv, nodes=args.nodes, rates=node_rates(args.nodes, rate),
                                       log_dir=out / "cluster", stream=False, stop_when=stop, nproc_per_node=args.nproc_per_node)
                     code = run.returncode
                     if code not in (0, 124):
@@ -330,7 +372,8 @@ def main() -> int:
                 results[(rate, mode, seed)] = res
                 for e in res["epochs"]:
                     print(f"  epoch {e['epoch'] + 1}  wall {e['wall']:7.1f}s  acc {100 * e.get('metrics', {}).get('accuracy', math.nan):5.2f}%  "
-                          f"rounds {e['round']}  accounted {e['bytes'] / 2**20:7.1f} MiB  wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
+                          f"rounds {e.get('round', '-')}  accounted {e.get('bytes', math.nan) / 2**20:7.1f} MiB  "
+                          f"wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
     if args.nproc_per_node > 1:
         return topology_summary(results, args, modes, predicted(args, modes), time.monotonic() - t_all)
     pred = predicted(args, modes)
@@ -350,7 +393,7 @@ def main() -> int:
         if not math.isnan(ratio):
             worst_wire = max(worst_wire, abs(ratio - 1))
         sync = last.get("sync_seconds", math.nan) / last["round"] if last.get("round") else math.nan
-        plan_s = pred[(rate, mode)]
+        plan_s = pred.get((rate, mode), math.nan)
         lines.append(f"{rate:9s} {mode:10s} {seed:4d}  {('' if reached else '>') + f'{t:.1f}':>12s}  {acc:8.2f}%  "
                      f"{last.get('wall', math.nan):8.1f}  {acct / 2**20:13.1f}  {wire / 2**20:8.1f}  {ratio:8.3f}  "
                      f"{sync:12.2f}  {plan_s:12.2f}" + ("  (stopped at target)" if r["at_target"] else "  (stopped)" if r["stopped"] else ""))
@@ -398,6 +441,7 @@ def main() -> int:
     if "resist_8bit" in low[7]:
         tc, okc = low[7]["resist_8bit"]
         checks.append((f"lowest rate ({low[0]}): resist_8bit <= 0.28 x fp32 local SGD's time to target", okc and low[5] and tc <= 0.28 * low[2]))
+    checks += peer_checks(results, args, modes)
     lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]
     lines.append(PAPER)
     text = "\n".join(lines)
