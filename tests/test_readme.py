@@ -37,3 +37,19 @@ def test_readme_quickstart_has_two_commands():
     quick = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^make \w+", quick, re.M)
     assert commands == ["make demo", "make test"]
+
+
+def test_the_guide_names_every_resist_key():
+    """docs/guide.md, the reference, lists every key of the ``resist`` section (and of its compression)."""
+    from resist_det.resist.config import CompressionConfig, ResISTConfig
+
+    guide = (README.parent / "docs" / "guide.md").read_text()
+    missing = [k for k in [*ResISTConfig.model_fields, *CompressionConfig.model_fields] if f"`{k}`" not in guide]
+    assert not missing, f"docs/guide.md does not mention resist keys {missing}"
+
+
+def test_readme_is_short_and_links_what_it_quotes():
+    text = README.read_text()
+    assert len(text.splitlines()) < 200
+    for target in re.findall(r"\]\(((?:benchmarks|docs|docker)/[^)#]+)", text):
+        assert (README.parent / target).exists(), f"README links to a missing file: {target}"
