@@ -33,6 +33,11 @@ class Codec:
     chunk: int = 1024
     stochastic: bool = False
 
+    @classmethod
+    def from_config(cls, compression) -> Codec:
+        """The codec of a ``resist.compression`` section (:class:`~resist_det.resist.config.CompressionConfig`)."""
+        return cls(compression.bits, compression.chunk, compression.stochastic)
+
     @property
     def lossless(self) -> bool:
         return self.bits == 32
