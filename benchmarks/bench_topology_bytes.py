@@ -40,7 +40,7 @@ def worker(out: Path, rounds: int) -> None:
     import torch.nn.functional as F
 
     import resist_det
-    from resist_det.train.loop import init_distributed, nic_tx_bytes
+    from resist_det.train.world import init_distributed, nic_tx_bytes
 
     rank, _ = init_distributed(10)
     torch.manual_seed(rank)

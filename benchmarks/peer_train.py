@@ -40,7 +40,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from resist_det.config import load_recipe, parse_overrides
 from resist_det.io import atomic_write_json
-from resist_det.train.loop import nic_tx_bytes
+from resist_det.train.world import nic_tx_bytes
 from resist_det.train.metrics import MetricsLog
 from resist_det.train.schedule import learning_rate
 from resist_det.train.tasks import build_task

@@ -14,7 +14,7 @@ def main(out: str) -> None:
 
     import resist_det
     from resist_det.models import preact_resnet
-    from resist_det.train.loop import nic_tx_bytes
+    from resist_det.train.world import nic_tx_bytes
 
     result = {}
     for mode in ("resist", "local_sgd", "ddp"):

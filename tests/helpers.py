@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -119,3 +120,33 @@ def write_idx(folder, n_train=64, n_test=32, seed=0):
     from resist_det.data.idx import write_quadrant_idx
 
     return write_quadrant_idx(folder, n_train, n_test, seed)
+
+
+def fmnist_recipe(tmp_path, out="run", **resist):
+    """A small Fashion-MNIST ResIST recipe training into ``tmp_path / out`` (data at ``tmp_path / fmnist``)."""
+    return {
+        "deepspeed": {
+            "train_micro_batch_size_per_gpu": 8,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+            "gradient_clipping": 0.0,
+        },
+        "resist": {"mode": "resist", "local_steps": 3, "min_blocks": 2, "momentum": "keep", **resist},
+        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
+        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
+        "train": {"epochs": 3, "output_dir": str(tmp_path / out), "log_every": 2},
+    }
+
+
+def train_rank(rank, world, recipe, resume):
+    """The training loop on one rank (for ``run_on_ranks``)."""
+    from resist_det.config import load_recipe
+    from resist_det.train.loop import train
+
+    return train(load_recipe(recipe), resume=resume, progress=False)
+
+
+def final_model(tmp_path, out):
+    """The saved global model of run ``out`` and the rounds logged at each epoch."""
+    saved = torch.load(tmp_path / out / "global_model.pt", weights_only=True)
+    rounds = [r["round"] for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
+    return saved, rounds

@@ -14,9 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import logged_a_step, wait_until, write_idx
+from helpers import fmnist_recipe, logged_a_step, train_rank, wait_until, write_idx
 from distributed import run_on_ranks
-from test_train import _recipe, _train_rank
 from resist_det.cli import app
 from resist_det.cluster import ClusterError, check_privileges, leftovers, parse_rate, run_cluster
 from resist_det.cluster.network import PREFIX
@@ -115,7 +114,7 @@ def test_two_machines_train_like_two_local_ranks(tmp_path):
         "train": {"epochs": 1, "output_dir": str(tmp_path / "local")},
     }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
-    run_on_ranks(_train_rank, 2, tmp_path / "ranks", recipe, False, timeout=300)  # 2 ranks on one machine
+    run_on_ranks(train_rank, 2, tmp_path / "ranks", recipe, False, timeout=300)  # 2 ranks on one machine
     for launcher in ("torchrun", "deepspeed"):  # deepspeed: a hostfile, each machine started with --no_ssh --node_rank
         run = run_cluster(str(tmp_path / "recipe.json"), ["--no-progress", "--set", f'train.output_dir="{tmp_path / launcher}"'],
                           nodes=2, rates=[1e8] * 2, log_dir=tmp_path / f"logs_{launcher}", stream=False, launcher=launcher)
@@ -138,7 +137,7 @@ def test_a_lost_node_makes_the_others_exit_within_the_timeout(tmp_path):
     import threading
 
     write_idx(tmp_path / "fmnist", n_train=512)
-    recipe = _recipe(tmp_path, "run", local_steps=4)
+    recipe = fmnist_recipe(tmp_path, "run", local_steps=4)
     recipe["train"].update(epochs=50, comm_timeout_minutes=0.1, log_every=1)
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     lost = {}

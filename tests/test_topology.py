@@ -224,17 +224,17 @@ def test_training_loop_with_node_resumes_to_the_uninterrupted_result(tmp_path):
     import json
 
     from helpers import write_idx
-    from test_train import _final, _recipe, _train_rank
+    from helpers import final_model, fmnist_recipe, train_rank
 
     write_idx(tmp_path / "fmnist", n_train=64, n_test=16)
-    straight = _recipe(tmp_path, "straight", topology="node")
+    straight = fmnist_recipe(tmp_path, "straight", topology="node")
     straight["train"]["epochs"] = 2
-    run_on_ranks(_train_rank, 4, tmp_path / "a", straight, False, nodes=2, timeout=300)
+    run_on_ranks(train_rank, 4, tmp_path / "a", straight, False, nodes=2, timeout=300)
     first = {**straight, "train": {**straight["train"], "output_dir": str(tmp_path / "resumed"), "epochs": 1}}
-    run_on_ranks(_train_rank, 4, tmp_path / "b", first, False, nodes=2, timeout=300)
+    run_on_ranks(train_rank, 4, tmp_path / "b", first, False, nodes=2, timeout=300)
     second = {**first, "train": {**first["train"], "epochs": 2}}
-    run_on_ranks(_train_rank, 4, tmp_path / "c", second, True, nodes=2, timeout=300)
-    (want, rounds_a), (got, rounds_b) = _final(tmp_path, "straight"), _final(tmp_path, "resumed")
+    run_on_ranks(train_rank, 4, tmp_path / "c", second, True, nodes=2, timeout=300)
+    (want, rounds_a), (got, rounds_b) = final_model(tmp_path, "straight"), final_model(tmp_path, "resumed")
     assert rounds_a == rounds_b
     assert all(torch.equal(want["model"][k], got["model"][k]) for k in want["model"])
     epochs = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

@@ -11,39 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from distributed import run_on_ranks
-from helpers import kill_when_stopped, write_idx as _write_idx
+from helpers import final_model, fmnist_recipe, kill_when_stopped, train_rank, write_idx as _write_idx
 from resist_det.cli import app
 
 
-def _recipe(tmp_path, out="run", **resist):
-    return {
-        "deepspeed": {
-            "train_micro_batch_size_per_gpu": 8,
-            "optimizer": {"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
-            "gradient_clipping": 0.0,
-        },
-        "resist": {"mode": "resist", "local_steps": 3, "min_blocks": 2, "momentum": "keep", **resist},
-        "model": {"kind": "preact_resnet", "layers": [1, 1, 5, 1], "base_width": 4, "stem": "cifar"},
-        "data": {"kind": "fashion_mnist", "root": str(tmp_path / "fmnist")},
-        "train": {"epochs": 3, "output_dir": str(tmp_path / out), "log_every": 2},
-    }
-
-
-def _train_rank(rank, world, recipe, resume):
-    from resist_det.config import load_recipe
-    from resist_det.train.loop import train
-
-    return train(load_recipe(recipe), resume=resume, progress=False)
-
-
-def _final(tmp_path, out):
-    saved = torch.load(tmp_path / out / "global_model.pt", weights_only=True)
-    rounds = [r["round"] for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"]
-    return saved, rounds
-
-
 def _train_rank_killed_in_save(rank, world, recipe, victim, target):
-    """``_train_rank``, but rank ``victim`` stops (SIGSTOP) halfway through writing its epoch-2
+    """``train_rank``, but rank ``victim`` stops (SIGSTOP) halfway through writing its epoch-2
     checkpoint file, its PID in ``victim.pid`` beside the output folder, for the test to SIGKILL:
     its own state (``resist_rank``, written to a temporary file and renamed) or DeepSpeed's model
     file (``mp_rank``, written in place)."""
@@ -76,7 +49,7 @@ def _train_rank_killed_in_save(rank, world, recipe, victim, target):
                 half_then_die(obj, f)
             return real_save(obj, f, *args, **kwargs)
         torch.save = save
-    return _train_rank(rank, world, recipe, False)
+    return train_rank(rank, world, recipe, False)
 
 
 @pytest.mark.parametrize("compression,victim,target", [(None, 1, "resist_rank"), ({"topk": 0.25, "bits": 8}, 0, "mp_rank")],
@@ -88,11 +61,11 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
     uninterrupted run.  Also with top-k transport, whose baselines and residuals are resumed."""
     _write_idx(tmp_path / "fmnist")
     extra = {"compression": compression} if compression else {}
-    full = _recipe(tmp_path, "full", **extra)
+    full = fmnist_recipe(tmp_path, "full", **extra)
     full["train"]["epochs"] = 2
-    [summary, _] = run_on_ranks(_train_rank, 2, tmp_path / "a", full, False, timeout=300)
+    [summary, _] = run_on_ranks(train_rank, 2, tmp_path / "a", full, False, timeout=300)
     assert summary["main_metric"] == "accuracy" and summary["epoch"] == 1
-    part = _recipe(tmp_path, "part", **extra)
+    part = fmnist_recipe(tmp_path, "part", **extra)
     part["train"].update(epochs=2, comm_timeout_minutes=0.1)  # the survivor gives up after 6 s
     killed = []  # SIGKILL by PID, from the test, while the file is half written
     killer = threading.Thread(target=lambda: killed.append(kill_when_stopped(tmp_path / "victim.pid", 240)), daemon=True)
@@ -108,9 +81,9 @@ def test_resume_after_a_rank_killed_mid_save_equals_uninterrupted(tmp_path, comp
 
     assert (ckpt / "latest").read_text().strip() == "epoch0000"  # written after the manifest only
     assert resume_tag(ckpt)[0] == "epoch0000"
-    run_on_ranks(_train_rank, 2, tmp_path / "c", part, True, timeout=300)
-    a, rounds_a = _final(tmp_path, "full")
-    b, rounds_b = _final(tmp_path, "part")
+    run_on_ranks(train_rank, 2, tmp_path / "c", part, True, timeout=300)
+    a, rounds_a = final_model(tmp_path, "full")
+    b, rounds_b = final_model(tmp_path, "part")
     assert rounds_a == rounds_b and len(rounds_a) == 2  # the same plan sequence; epoch 2 logged once
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -130,11 +103,11 @@ def test_a_diverged_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch
     """A learning rate that blows the loss up: the epoch ends in an error naming the key to change,
     on every rank, instead of training on and checkpointing NaN weights."""
     _write_idx(tmp_path / "fmnist", n_train=64, n_test=16)
-    recipe = _recipe(tmp_path, "diverged")
+    recipe = fmnist_recipe(tmp_path, "diverged")
     recipe["deepspeed"]["optimizer"]["params"]["lr"] = 1e12
     recipe["train"]["epochs"] = 2
     with pytest.raises(AssertionError, match="failed on 2 of 2 ranks") as err:
-        run_on_ranks(_train_rank, 2, tmp_path / "ranks", recipe, False, timeout=120)
+        run_on_ranks(train_rank, 2, tmp_path / "ranks", recipe, False, timeout=120)
     message = str(err.value)
     assert message.count("the run diverged") == 2 and "deepspeed.optimizer.params.lr" in message, message[-2000:]
     assert "the training loss is nan in epoch 1" in message or "the training loss is inf in epoch 1" in message
@@ -168,12 +141,12 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
     started by a launcher (it would train a world of one whatever --nproc says)."""
     import torch.distributed as dist
 
-    from resist_det.train.loop import _WORLD_OF_ONE_ENV
+    from resist_det.train.world import WORLD_OF_ONE_ENV
 
-    for key in _WORLD_OF_ONE_ENV:
+    for key in WORLD_OF_ONE_ENV:
         monkeypatch.delenv(key, raising=False)
     _write_idx(tmp_path / "fmnist", n_train=32, n_test=8)
-    recipe = _recipe(tmp_path, "alone")
+    recipe = fmnist_recipe(tmp_path, "alone")
     recipe["train"]["epochs"] = 1
     for out in ("alone", "again"):  # the second run here must not meet groups of the first's world
         recipe["train"]["output_dir"] = str(tmp_path / out)
@@ -187,9 +160,9 @@ def test_training_alone_in_process_leaves_no_world_behind(tmp_path, monkeypatch)
 
 def test_cli_eval_of_a_trained_classifier(tmp_path):
     _write_idx(tmp_path / "fmnist")
-    recipe = _recipe(tmp_path, "one", mode="local_sgd")
+    recipe = fmnist_recipe(tmp_path, "one", mode="local_sgd")
     recipe["train"]["epochs"] = 1
-    run_on_ranks(_train_rank, 1, tmp_path / "a", recipe, False, timeout=300)
+    run_on_ranks(train_rank, 1, tmp_path / "a", recipe, False, timeout=300)
     result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "one" / "eval_report.json").read_text())
@@ -212,7 +185,7 @@ def test_cli_eval_of_a_trained_classifier(tmp_path):
 def recipe_file(tmp_path):
     _write_idx(tmp_path / "fmnist")
     path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(_recipe(tmp_path)))
+    path.write_text(json.dumps(fmnist_recipe(tmp_path)))
     return path
 
 
@@ -370,7 +343,7 @@ def test_bn_recalibration_uses_training_batches():
 def test_deepspeed_scheduler_is_used_or_refused(tmp_path):
     from resist_det.config import load_recipe
 
-    recipe = _recipe(tmp_path)
+    recipe = fmnist_recipe(tmp_path)
     recipe["deepspeed"]["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
     assert "scheduler" in load_recipe(recipe).deepspeed  # used: DeepSpeed steps it, the loop leaves the lr alone
     recipe["train"]["lr_schedule"] = {"milestones": [2]}

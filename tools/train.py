@@ -8,7 +8,7 @@
 
 import sys
 
-from resist_det.train.loop import main
+from resist_det.train.entry import main
 
 if __name__ == "__main__":
     try:

@@ -7,12 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..console import fail
+
 __all__ = ["cluster_command"]
-
-
-def fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code=1)
 
 
 def cluster_command(

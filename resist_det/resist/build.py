@@ -10,7 +10,6 @@ An existing DeepSpeed project adopts ResIST by changing ``deepspeed.initialize``
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from .config import ResISTConfig, check_deepspeed_config, split_config
 from .engine import ResISTEngine
 from .partition import partitionable_blocks
 from .partition import section_of
+from .process_group import init_process_group
 from .plan import blocks_per_worker, check_plan_args, degenerate_plan, make_plan, resolve_min_blocks
 from .optimizer_state import adaptive_optimizer
 from .strategies import make_strategy
@@ -73,7 +73,7 @@ def initialize(
         raise TypeError("initialize() needs a model (positional after args, or model=...)")
     ds_config, rc, args = _resolve_config(args, config, config_params, resist)
     check_deepspeed_config(ds_config, rc.mode)
-    _init_process_group()
+    init_process_group()
     check_same_config(rc)
     topology = build_topology(rc.topology, rc.mode)
     if topology.node and mpu is not None:
@@ -143,13 +143,6 @@ def _resolve_config(args: Any, config: Any, config_params: Any, resist: ResISTCo
             if hasattr(args, attr):
                 setattr(args, attr, None)
     return ds_config, rc, args
-
-
-def _init_process_group() -> None:
-    if torch.cuda.is_available():  # NCCL collectives (the config check below) use the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
 
 
 def check_same_config(rc: ResISTConfig) -> None:

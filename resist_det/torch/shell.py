@@ -193,15 +193,14 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     ``optimizer.state_dict()`` / ``load_state_dict()`` (load it before the model's) as on the
     DeepSpeed engine.  Gradient clipping, accumulation and AMP stay in the user's loop.
     """
-    import deepspeed.comm
-
     from ..resist.build import check_same_config, make_sub_network, same_start
+    from ..resist.process_group import init_process_group
     from ..resist.strategies import make_strategy
     from ..resist.topology import build_topology
 
     rc = _config(resist)
     _check(model, optimizer, rc)
-    deepspeed.comm.init_distributed(dist_backend=tdist.get_backend(), auto_mpi_discovery=False, verbose=False)
+    init_process_group()  # deepspeed.comm wraps the user's group
     check_same_config(rc)
     topology = build_topology("rank", rc.mode)
     sub: dict[str, Any] = {}

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # torchrun's ``main`` without its ``@record`` wrapper, which would re-log the ranks' error files
         run(parse_args(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
-        # A rank's own one-line reason (its error file, :func:`resist_det.train.loop.report_failure`)
+        # A rank's own one-line reason (its error file, :func:`resist_det.train.failures.report_failure`)
         # is repeated here only where that rank did not print it and no rank printed the same.
         said = {_reason(f) for f in e.failures.values() if f.error_file_data.get("printed")}
         for rank, failure in sorted(e.failures.items()):

@@ -7,6 +7,7 @@ of ``python -m resist_det.train``.  Inside a launcher (``RANK`` set) it runs in-
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import re
@@ -19,10 +20,12 @@ from typing import Any
 from ..config import Recipe, load_recipe
 from .lifetime import die_with_parent
 from .preflight import check_data, preflight
+from .rundir import RunDir, check_same_recipe, finished_message
 
 __all__ = ["check_resume", "launch", "recipe_path"]
 
-PACKAGE_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: The recipes shipped inside the package (``resist_det/recipes``), found as package data.
+PACKAGE_RECIPES = Path(str(importlib.resources.files("resist_det") / "recipes"))
 
 
 def recipe_path(name: str | Path) -> Path:
@@ -37,43 +40,11 @@ def recipe_path(name: str | Path) -> Path:
     raise FileNotFoundError(f"recipe not found: {name} (shipped recipes: {names})")
 
 
-# Keys a resume may change: more epochs, and where the run directory now lives.
-# (and how the run is kept and watched: logging, checkpoint pruning, the communication timeout).
-RESUMABLE_KEYS = {("train", "epochs"), ("train", "output_dir"), ("train", "log_every"), ("train", "keep_checkpoints"),
-                  ("train", "comm_timeout_minutes")}
-
-
-def check_same_recipe(recipe: Recipe) -> None:
-    """Refuse to resume with a recipe whose keys differ from the run's ``recipe.json``, naming them."""
-    saved = Path(recipe.train.output_dir) / "recipe.json"
-    if not saved.is_file():
-        return
-    from ..io import read_json_file
-
-    old = read_json_file(saved, "run's recipe")
-    if not isinstance(old, dict) or not all(isinstance(v, dict) for v in old.values()):
-        raise ValueError(f"{saved}: not a run's recipe (expected a JSON object of sections); restore it, or resume "
-                         "into a new train.output_dir")
-    new = recipe.model_dump(mode="json")
-    changed = sorted(
-        f"{sec}.{k}" for sec in new for k in (set(new[sec]) | set(old.get(sec, {})))
-        if isinstance(new[sec], dict) and (sec, k) not in RESUMABLE_KEYS and new[sec].get(k) != old.get(sec, {}).get(k)
-        and (k in old.get(sec, {}) or k not in getattr(type(getattr(recipe, sec)), "model_fields", {}))  # a key newer than the run: default
-    )
-    if changed:
-        raise ValueError(f"--resume: the recipe differs from the one the checkpoint was trained with ({', '.join(changed)})")
-
-
-def finished_message(recipe: Recipe) -> str:
-    return (f"--resume: the run in {recipe.train.output_dir} has finished (all {recipe.train.epochs} epochs trained); "
-            "nothing to do, its files are left as they are (raise train.epochs to train it further)")
-
-
 def check_resume(recipe: Recipe, world_size: int) -> str:
     """The tag to resume from; refuses a missing checkpoint, another world size or recipe."""
     from ..resist.checkpoint import check_checkpoint, check_plain_tensors, resume_tag, verify_files
 
-    ckpt = Path(recipe.train.output_dir) / "checkpoints"
+    ckpt = RunDir.of(recipe).checkpoints
     try:
         tag, note = resume_tag(ckpt)
         if note:

@@ -7,10 +7,8 @@ sync), so evaluation of the assembled global network and checkpoints see agreein
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,82 +20,22 @@ import torch.distributed as tdist
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from ..config import Recipe, parse_overrides
-from ..io import atomic_torch_save, atomic_write_json, tensor_checksums
+from ..config import Recipe
+from ..io import atomic_write_json
 from ..resist.checkpoint import prune
 from .run_lock import RunLock
 from .metrics import MetricsLog, Progress
 from .schedule import learning_rate
+from .rundir import RunDir, check_same_recipe, finished_message, save_global_model
 from .tasks import build_task
+from .world import (broadcast_from_0, init_distributed, leave_world_of_one, max_over_ranks,
+                    nic_tx_bytes, peak_rss_bytes, sum_over_ranks)
 
-__all__ = ["train", "init_distributed", "checkpoint_dir", "GLOBAL_MODEL_FILE"]
-
-GLOBAL_MODEL_FILE = "global_model.pt"
+__all__ = ["train", "checkpoint_dir"]
 
 
 def checkpoint_dir(recipe: Recipe) -> Path:
-    return Path(recipe.train.output_dir) / "checkpoints"
-
-
-_WORLD_OF_ONE_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
-    """Join the launcher's process group, or make a one-process group when run alone.
-
-    ``timeout_minutes`` bounds how long a collective waits for a lost peer (``train.comm_timeout_minutes``)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python tools/train.py`: a world of one
-        # port 0: its store binds one the OS hands it (a port picked here could be taken first)
-        os.environ.update(dict(zip(_WORLD_OF_ONE_ENV, ("0", "0", "1", "127.0.0.1", "0"))))
-    if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
-    return tdist.get_rank(), tdist.get_world_size()
-
-
-def leave_world_of_one() -> None:
-    """Undo what :func:`init_distributed` did for a process run alone: its group and variables."""
-    import deepspeed.comm
-
-    if tdist.is_initialized():
-        # through deepspeed.comm, which also drops the groups DeepSpeed cached (its world clone):
-        # a later engine in this process would otherwise be handed a group of the destroyed world
-        deepspeed.comm.destroy_process_group()
-    for key in _WORLD_OF_ONE_ENV:
-        os.environ.pop(key, None)
-
-
-def _reduce_device() -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo takes CPU tensors.
-    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _sum_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
-    tdist.all_reduce(t)  # monitoring only: not part of the algorithm's traffic
-    return float(t.item())
-
-
-def _max_over_ranks(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def nic_tx_bytes() -> int | None:
-    """Bytes the NIC named by ``GLOO_SOCKET_IFNAME`` has sent (sysfs), read once per machine
-    (local rank 0); ``None`` without such a NIC.  Lets a run put wire bytes beside accounted ones."""
-    nic = os.environ.get("GLOO_SOCKET_IFNAME")
-    stat = Path(f"/sys/class/net/{nic}/statistics/tx_bytes")
-    if not nic or not stat.is_file():
-        return None
-    return int(stat.read_text()) if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 0
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return RunDir.of(recipe).checkpoints
 
 
 @dataclass
@@ -141,7 +79,7 @@ def train(recipe: Recipe, *, resume: bool | str = False, progress: bool = True) 
                 lock.acquire()
             except (ValueError, OSError) as e:
                 refused = e if isinstance(e, ValueError) else ValueError(f"cannot lock train.output_dir {run.out}: {e}")
-        if _max_over_ranks(refused is not None):  # collective: every rank stops together
+        if max_over_ranks(refused is not None):  # collective: every rank stops together
             raise refused or ValueError(f"rank 0 could not lock train.output_dir {run.out}")
         try:
             return _train(run, resume, progress)
@@ -156,8 +94,6 @@ def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:
     recipe = run.recipe
     start_epoch, wall_before = resume_from_checkpoint(run) if resume else (0, 0.0)
     if start_epoch >= recipe.train.epochs:  # a finished run: its summary, log and files stay as they are
-        from .launch import finished_message
-
         if run.rank == 0:
             print(finished_message(recipe), file=sys.stderr, flush=True)
         return None
@@ -186,7 +122,7 @@ def _train(run: Run, resume: bool, progress: bool) -> dict[str, Any] | None:
     if run.rank != 0:
         return None
     summary = {**summary, "mode": recipe.resist.mode, "world_size": run.world, "main_metric": run.task.main_metric}
-    atomic_write_json(run.out / "summary.json", summary)
+    atomic_write_json(RunDir(run.out).summary, summary)
     return summary
 
 
@@ -217,8 +153,6 @@ def resume_from_checkpoint(run: Run) -> tuple[int, float]:
 
     The recipe check runs here too, so torchrun and deepspeed launches refuse a changed recipe
     exactly as ``resist-det train --resume`` does (before ``recipe.json`` is rewritten)."""
-    from .launch import check_same_recipe
-
     check_same_recipe(run.recipe)
     _, client = run.engine.load_checkpoint(checkpoint_dir(run.recipe))
     return client["epoch"] + 1, client["wall"]
@@ -226,14 +160,14 @@ def resume_from_checkpoint(run: Run) -> tuple[int, float]:
 
 def open_log(run: Run, start_epoch: int) -> None:
     """Rank 0: the resolved recipe and the metrics log (a fresh one unless resuming)."""
-    run.log = MetricsLog(run.out / "metrics.jsonl", enabled=run.rank == 0)
+    run.log = MetricsLog(RunDir(run.out).metrics, enabled=run.rank == 0)
     if run.rank != 0:
         return
     if start_epoch == 0:
-        (run.out / "metrics.jsonl").unlink(missing_ok=True)
+        RunDir(run.out).metrics.unlink(missing_ok=True)
     else:  # drop what was logged after the checkpoint resumed from: those epochs are trained again
         run.log.truncate_after(start_epoch)
-    atomic_write_json(run.out / "recipe.json", run.recipe.model_dump(mode="json"))
+    atomic_write_json(RunDir(run.out).recipe, run.recipe.model_dump(mode="json"))
     if start_epoch == 0:
         run.log.write(event="start", mode=run.recipe.resist.mode, world_size=run.world, steps_per_epoch=run.steps_per_epoch,
                       batch_per_rank=run.recipe.batch_size, epochs=run.recipe.train.epochs)
@@ -278,22 +212,22 @@ def epoch_record(run: Run, epoch: int, train_loss: float, wall: float) -> dict[s
     each machine's NIC (one entry per machine); ``wire_bytes`` / ``machine_wire_bytes`` (when the
     ranks talk over a named NIC, ``GLOO_SOCKET_IFNAME``): what those NICs sent since training began,
     headers, acknowledgements and this loop's own monitoring reductions included."""
-    mean_loss = _sum_over_ranks(train_loss) / run.world  # collective: every rank sees the same value
+    mean_loss = sum_over_ranks(train_loss) / run.world  # collective: every rank sees the same value
     if not math.isfinite(mean_loss):
         raise FloatingPointError(
             f"the training loss is {mean_loss} in epoch {epoch + 1}: the run diverged, and this epoch is not "
             "checkpointed; lower the learning rate (deepspeed.optimizer.params.lr) or set deepspeed.gradient_clipping")
     record = dict(event="epoch", epoch=epoch, train_loss=mean_loss,
-                  round=run.engine.round, bytes=_sum_over_ranks(run.engine.bytes_sent), wall=wall,
-                  sync_seconds=_max_over_ranks(run.engine.sync_seconds),
-                  memory=_max_over_ranks(run.memory.get("total", 0)), peak_rss=_max_over_ranks(_peak_rss_bytes()))
+                  round=run.engine.round, bytes=sum_over_ranks(run.engine.bytes_sent), wall=wall,
+                  sync_seconds=max_over_ranks(run.engine.sync_seconds),
+                  memory=max_over_ranks(run.memory.get("total", 0)), peak_rss=max_over_ranks(peak_rss_bytes()))
     wire = nic_tx_bytes() - run.nic_tx_start if run.nic_tx_start is not None else 0
     # per machine: what the engines counted as crossing its NIC, and (named NIC) what the NIC sent
     machines: list[Any] = [None] * run.world
     tdist.all_gather_object(machines, (run.engine.topology.machine, run.engine.nic_bytes, wire))  # monitoring only
     count = max(m for m, _, _ in machines) + 1
     record["nic_bytes"] = [sum(n for m, n, _ in machines if m == i) for i in range(count)]
-    if _max_over_ranks(run.nic_tx_start is not None):  # collective on every rank
+    if max_over_ranks(run.nic_tx_start is not None):  # collective on every rank
         record["wire_bytes"] = sum(w for _, _, w in machines)
         record["machine_wire_bytes"] = [sum(w for m, _, w in machines if m == i) for i in range(count)]
     return record
@@ -314,113 +248,10 @@ def evaluate_global_model(run: Run, epoch: int) -> dict[str, Any]:
         metrics = run.task.evaluate(net, batch_size=batch, conf_threshold=recipe.train.conf_threshold)
     finally:
         torch.set_num_threads(threads)
-    save_global_model(run.out / GLOBAL_MODEL_FILE, net, recipe, epoch, metrics, run.task.class_names)
+    save_global_model(RunDir(run.out).global_model, net, recipe, epoch, metrics, run.task.class_names)
     return dict(metrics=metrics, eval_seconds=time.perf_counter() - t_eval)
 
 
 def _eval_time(record: dict[str, Any]) -> float:
     # Wall time counts training and communication, not evaluation (like the paper's timings).
-    t = torch.tensor([float(record.get("eval_seconds", 0.0))], dtype=torch.float64, device=_reduce_device())
-    tdist.broadcast(t, src=0)
-    return float(t.item())
-
-
-def save_global_model(path: Path, net: torch.nn.Module, recipe: Recipe, epoch: int, metrics: dict[str, Any],
-                      class_names: list[str] | None = None) -> None:
-    """The global network (residual scales folded into its weights) with its recipe; ``resist-det eval`` reads it."""
-    state = net.state_dict()
-    record = recipe.model_dump(mode="json")
-    if class_names is not None and record["data"].get("classes") == []:
-        record["data"]["classes"] = list(class_names)  # the names resolved from the training data, not "[] = collect"
-    atomic_torch_save({"model": state, "sha256": tensor_checksums(state), "recipe": record, "epoch": epoch,
-                       "metrics": metrics, "class_names": list(class_names) if class_names is not None else None}, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m resist_det.train RECIPE [--resume] [--set key=value ...]`` (also under launchers)."""
-    import argparse
-
-    from ..config import load_recipe
-
-    p = argparse.ArgumentParser(prog="tools/train.py", description="Train a resist_det recipe on this rank.")
-    p.add_argument("recipe", help="recipe JSON (deepspeed / resist / model / data / train sections)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
-                   help="continue from the newest complete checkpoint; '--resume auto': only if there is one")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key (JSON value)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    args = p.parse_args(argv)
-    if args.local_rank is not None:  # (under torchrun and resist-det, python -m resist_det.train bound it already)
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    from .lifetime import bind_rank_to_launcher
-
-    bind_rank_to_launcher()  # a rank of a launcher that died would train on as an orphan, holding the run's lock
-    try:
-        recipe = load_recipe(args.recipe, parse_overrides(args.set))
-    except (FileNotFoundError, ValueError) as e:
-        report_failure(str(e))
-        return 2
-    try:
-        train(recipe, resume=args.resume, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:  # bad input or a diverged run: one line, not a traceback per rank
-        report_failure(str(e))
-        return 2
-    except (RuntimeError, OSError) as e:
-        full = out_of_space(e, recipe.train.output_dir)
-        if full is not None:  # checked first: rank 0 stopped writing, so the others lost their peer
-            report_failure(full, every_rank=True)
-            return 4
-        lost = lost_peer(e) if isinstance(e, RuntimeError) else None
-        if lost is None:
-            raise
-        # every rank that noticed says so: on a cluster, its own machine's log is what its owner reads
-        report_failure(f"{lost}; a rank died, hangs or cannot be reached (a collective waits at most "
-                       f"train.comm_timeout_minutes = {recipe.train.comm_timeout_minutes:g})", every_rank=True)
-        return 3
-    return 0
-
-
-def report_failure(message: str, *, every_rank: bool = False) -> None:
-    """Say why this rank stops, in one line: on stderr from rank 0 (every rank fails the same
-    way), or from each rank (``every_rank``: what each saw for itself); and in the error file
-    torchrun gives each rank (``TORCHELASTIC_ERROR_FILE``), where its failure summary and
-    ``resist-det train``'s find it, so a failure only one other rank met is reported too."""
-    rank = os.environ.get("RANK", "0")
-    printed = every_rank or rank == "0"
-    if printed:
-        print(f"error: {f'rank {rank}: ' if every_rank else ''}{message}", file=sys.stderr, flush=True)
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if error_file:  # the layout torchrun's error handler writes (no call stack: the message is the reason); "printed" is ours
-        atomic_write_json(error_file, {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}},
-                                       "printed": printed})
-
-
-def out_of_space(error: BaseException, output_dir: str | Path) -> str | None:
-    """``"train.output_dir ...: no space left on device"`` when writing there failed for want of
-    space (an ``ENOSPC``, or torch's writer giving up on a filesystem that is now full), else None."""
-    import errno
-    import shutil
-
-    full = isinstance(error, OSError) and error.errno == errno.ENOSPC
-    if not full:
-        try:  # torch.save reports a short write without the errno ("file write failed", "unexpected pos")
-            full = shutil.disk_usage(output_dir).free < (1 << 20) and any(
-                m in str(error) for m in ("write failed", "unexpected pos", "No space left"))
-        except OSError:
-            return None
-    return f"train.output_dir {output_dir}: no space left on device; free space there and resume (--resume)" if full else None
-
-
-# What gloo and NCCL say when a peer stopped answering or went away (torch's DistBackendError is a RuntimeError).
-_LOST_PEER = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe")
-
-
-def lost_peer(error: BaseException) -> str | None:
-    """``"communication timed out (...)"`` when ``error`` is a collective losing its peer, else None."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    text = first.lower()
-    from_comm = isinstance(error, getattr(tdist, "DistError", ())) or any(m in text for m in ("gloo", "nccl", "c10d"))
-    if not from_comm or not any(k in text for k in _LOST_PEER):  # e.g. a DataLoader timeout is not a lost peer
-        return None
-    kind = "timed out" if "time" in text else "lost its connection"
-    return f"communication with the other ranks {kind} ({first.split('] ', 1)[-1]})"
+    return broadcast_from_0(record.get("eval_seconds", 0.0))
