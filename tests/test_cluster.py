@@ -221,8 +221,9 @@ def test_plan_predicts_wire_seconds_by_hand():
 
 @needs_network
 def test_a_cluster_run_killed_by_sigkill_is_swept_by_the_next_one(tmp_path):
-    """``resist-det cluster`` SIGKILLed mid-run leaves its namespaces, torchrun nodes and ranks;
-    the next ``resist-det cluster`` removes them (their owner is gone) and leaves a live run's alone."""
+    """``resist-det cluster`` SIGKILLed mid-run leaves its namespaces (and whatever still runs in
+    them); the next ``resist-det cluster`` removes them (their owner is gone) and leaves a live
+    run's alone."""
     from resist_det.cluster import EmulatedNetwork
 
     marker = f"sleeper-{os.getpid()}-{time.monotonic_ns()}"
@@ -235,7 +236,9 @@ def test_a_cluster_run_killed_by_sigkill_is_swept_by_the_next_one(tmp_path):
         assert wait_until(lambda: len(_running(marker)) >= 2, timeout=120), "the sleepers never started"
         victim.kill()
         victim.wait()
-        assert _left(victim.pid) and _running(marker)  # what SIGKILL leaves behind
+        # What SIGKILL leaves behind: the namespaces (the node launchers die with the CLI and take
+        # their ranks along, but nothing removed the network)
+        assert _left(victim.pid)
         out = subprocess.run([*cli, str(tmp_path / "ok.py"), "--nodes", "1", "--logs", str(tmp_path / "b")],
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr
