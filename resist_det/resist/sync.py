@@ -128,85 +128,106 @@ def route_blocks(slots: Sequence[nn.Module], slot_blocks: Sequence[int | None], 
     of a machine's ranks carries its shard of every message and the machine all-gathers what
     arrived.  Returns ``(new slot_blocks, bytes sent by this rank)``.
     """
-    codec = codec or Codec()
-    lossless = codec.lossless
-    enc = lambda flat: flat if lossless else codec.encode(flat, generator)  # noqa: E731
-    dec = lambda buf, n: buf if lossless else codec.decode(buf, n)  # noqa: E731
-    me, top = topology.worker, topology
-    part = lambda m: top.shard(_flatten_dense_tensors(tensors(m)))  # noqa: E731  (this rank's share of a block)
-    part_numel = lambda m: top.shard(_flat_buffer(tensors(m))).numel()  # noqa: E731
+    router = _Router(topology, tensors, codec or Codec(), generator)
     slot_section = [0] * len(slots) if slot_section is None else slot_section
     section_of = [0] * old.num_blocks if section_of is None else section_of
-    new_slot_blocks = _layout(slot_blocks, slot_section, section_of, new.groups[me])
+    new_slot_blocks = _layout(slot_blocks, slot_section, section_of, new.groups[topology.worker])
     for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
         if a is None and b is not None and prepare is not None:
             prepare(i)  # storage for the block about to arrive (nothing of value is in this slot)
-
-    def recv_buf(like: nn.Module) -> Tensor:
-        shape = top.shard(_flat_buffer(tensors(like)))  # dtype, device and numel of this rank's share
-        return torch.empty_like(shape) if lossless else torch.empty(codec.encoded_size(shape.numel()), dtype=torch.uint8)
-
     mine_old = {b: slots[i] for i, b in enumerate(slot_blocks) if b is not None}
-    sent = 0
-
-    # Phase 1: every holder but the reducer sends its copy to the reducer, which averages.
-    sends, recvs, partial = [], [], {}
-    for b in range(old.num_blocks):
-        holders = old.holders(b)
-        if len(holders) < 2:
-            continue
-        r = reducer_of(b, old, new)
-        if me == r:
-            others = [h for h in holders if h != r]
-            bufs = [recv_buf(mine_old[b]) for _ in others]
-            recvs += [(buf, h, b) for buf, h in zip(bufs, others)]
-            partial[b] = (part(mine_old[b]), bufs, len(holders))
-        elif me in holders:
-            sends.append((enc(part(mine_old[b])), r, b))
-    sent += top.exchange(sends, recvs)
-    averaged: dict[int, Tensor] = {}
-    for b, (own, bufs, count) in partial.items():
-        for buf in bufs:
-            own.add_(dec(buf, own.numel()))
-        averaged[b] = own.div_(count)
-
-    # Phase 2: the reducer sends the average to each next holder.
-    sends, recvs, incoming = [], [], {}
-    for b in range(old.num_blocks):
-        r = reducer_of(b, old, new)
-        targets = [h for h in new.holders(b) if h != r]
-        if me == r and targets:
-            flat = averaged.get(b)
-            if flat is None:  # a single holder: its copy is the average
-                flat = part(mine_old[b])
-            message = enc(flat)
-            if not lossless:  # what the targets will hold; the reducer keeps the same if it stays a holder
-                averaged[b] = codec.decode(message, flat.numel())
-            sends += [(message, h, old.num_blocks + b) for h in targets]
-        elif me in targets:
-            like = slots[new_slot_blocks.index(b)]  # sized like the block (its section's slot)
-            buf = recv_buf(like)
-            recvs.append((buf, r, old.num_blocks + b))
-            incoming[b] = (buf, part_numel(like))
-    sent += top.exchange(sends, recvs)
-    incoming = {b: dec(buf, n) for b, (buf, n) in incoming.items()}
-
+    averaged, sent = router.reduce(old, new, mine_old)
+    incoming, delivered = router.deliver(old, new, mine_old, averaged, {b: slots[i] for i, b in enumerate(new_slot_blocks)
+                                                                        if b is not None})
+    sent += delivered
     # Write the new group into the slots (a machine joins its ranks' shards); release the slots left empty.
     for i, b in enumerate(new_slot_blocks):
-        if b is None:
-            continue
-        value = incoming.get(b, averaged.get(b))
-        if value is None:
-            continue  # held alone before and now: already in place
-        dst = tensors(slots[i])
-        value, inside = top.assemble(value, sum(t.numel() for t in dst))
-        sent += inside
-        for t, v in zip(dst, _unflatten_dense_tensors(value, dst)):
-            t.copy_(v)
+        value = incoming.get(b, averaged.get(b)) if b is not None else None
+        if value is not None:  # (None: held alone before and now, already in place)
+            sent += router.write(slots[i], value)
     for i, (a, b) in enumerate(zip(slot_blocks, new_slot_blocks)):
         if a is not None and b is None and release is not None:
             release(i)
     return new_slot_blocks, sent
+
+
+class _Router:
+    """The messages of :func:`route_blocks`: this rank's share of each block (all of it, or its
+    shard with topology ``node``), encoded with ``codec``."""
+
+    def __init__(self, topology: Topology, tensors: Callable[[nn.Module], list[Tensor]], codec: Codec,
+                 generator: torch.Generator | None) -> None:
+        self.top, self.tensors, self.codec, self.generator = topology, tensors, codec, generator
+
+    def part(self, block: nn.Module) -> Tensor:
+        return self.top.shard(_flatten_dense_tensors(self.tensors(block)))
+
+    def encode(self, flat: Tensor) -> Tensor:
+        return flat if self.codec.lossless else self.codec.encode(flat, self.generator)
+
+    def decode(self, message: Tensor, numel: int) -> Tensor:
+        return message if self.codec.lossless else self.codec.decode(message, numel)
+
+    def recv_buf(self, like: nn.Module) -> tuple[Tensor, int]:
+        """A buffer for a message about a block sized like ``like``, and the values it carries."""
+        shape = self.top.shard(_flat_buffer(self.tensors(like)))  # dtype, device and numel of this rank's share
+        if self.codec.lossless:
+            return torch.empty_like(shape), shape.numel()
+        return torch.empty(self.codec.encoded_size(shape.numel()), dtype=torch.uint8), shape.numel()
+
+    def reduce(self, old: Plan, new: Plan, mine_old: dict[int, nn.Module]) -> tuple[dict[int, Tensor], int]:
+        """Phase 1: every holder but the reducer sends its copy to the reducer, which averages."""
+        me, sends, recvs, partial = self.top.worker, [], [], {}
+        for b in range(old.num_blocks):
+            holders = old.holders(b)
+            if len(holders) < 2:
+                continue
+            r = reducer_of(b, old, new)
+            if me == r:
+                others = [h for h in holders if h != r]
+                bufs = [self.recv_buf(mine_old[b])[0] for _ in others]
+                recvs += [(buf, h, b) for buf, h in zip(bufs, others)]
+                partial[b] = (self.part(mine_old[b]), bufs, len(holders))
+            elif me in holders:
+                sends.append((self.encode(self.part(mine_old[b])), r, b))
+        sent = self.top.exchange(sends, recvs)
+        averaged: dict[int, Tensor] = {}
+        for b, (own, bufs, count) in partial.items():
+            for buf in bufs:
+                own.add_(self.decode(buf, own.numel()))
+            averaged[b] = own.div_(count)
+        return averaged, sent
+
+    def deliver(self, old: Plan, new: Plan, mine_old: dict[int, nn.Module], averaged: dict[int, Tensor],
+                slot_of: dict[int, nn.Module]) -> tuple[dict[int, Tensor], int]:
+        """Phase 2: the reducer sends the average to each next holder (``averaged`` then holds what
+        the holders will hold, decoded); returns the blocks that arrived here."""
+        me, sends, recvs, incoming = self.top.worker, [], [], {}
+        for b in range(old.num_blocks):
+            r = reducer_of(b, old, new)
+            targets = [h for h in new.holders(b) if h != r]
+            if me == r and targets:
+                flat = averaged.get(b)
+                if flat is None:  # a single holder: its copy is the average
+                    flat = self.part(mine_old[b])
+                message = self.encode(flat)
+                if not self.codec.lossless:  # the reducer keeps what the targets will hold
+                    averaged[b] = self.codec.decode(message, flat.numel())
+                sends += [(message, h, old.num_blocks + b) for h in targets]
+            elif me in targets:
+                buf, numel = self.recv_buf(slot_of[b])  # sized like the block (its section's slot)
+                recvs.append((buf, r, old.num_blocks + b))
+                incoming[b] = (buf, numel)
+        sent = self.top.exchange(sends, recvs)
+        return {b: self.decode(buf, n) for b, (buf, n) in incoming.items()}, sent
+
+    def write(self, slot: nn.Module, value: Tensor) -> int:
+        """``value`` (this rank's share) into ``slot``, joined with the machine's other shards."""
+        dst = self.tensors(slot)
+        value, inside = self.top.assemble(value, sum(t.numel() for t in dst))
+        for t, v in zip(dst, _unflatten_dense_tensors(value, dst)):
+            t.copy_(v)
+        return inside
 
 
 @torch.no_grad()
