@@ -78,6 +78,17 @@ class ResISTCore:
         self.bytes_sent += sent
         return net
 
+    def network_for(self, training: bool, whole: nn.Module | None) -> nn.Module | None:
+        """What a shell's forward runs besides its own module: the global network, assembled on
+        every rank (collective) when switching to evaluation in mode ``resist``; ``None`` in
+        training, and in modes whose module is already the whole network."""
+        if training or not hasattr(self.strategy, "slots"):
+            return None
+        if whole is None:
+            whole = self.global_model(None)
+            whole.eval()
+        return whole
+
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": self.schedule.state_dict(), "strategy": self.strategy.state_dict(),
                 "bytes_sent": self.bytes_sent, "nic_bytes": self.nic_bytes, "world_size": self.strategy.world_size,

@@ -143,11 +143,7 @@ class ResISTEngine:
         global network on every rank, and the engine's forward runs it until ``train()``: a script
         that evaluates through the engine scores the whole network, never one rank's sub-network.
         Collective when it switches to eval (every rank must call it)."""
-        if not mode and self.whole is None and hasattr(self.strategy, "slots"):
-            self.whole = self.core.global_model(None)
-            self.whole.eval()
-        elif mode:
-            self.whole = None
+        self.whole = self.core.network_for(mode, self.whole)
         self.deepspeed_engine.train(mode)
         return self
 

@@ -157,21 +157,11 @@ class Topology:
     # ---- messages ---------------------------------------------------------------------------
     def exchange(self, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> int:
         """Post ``(tensor, worker, tag)`` sends and receives as one batch and wait; returns bytes sent."""
-        ops = [dist.P2POp(dist.isend, t, self.peer(w), tag=tag) for t, w, tag in sends]
-        ops += [dist.P2POp(dist.irecv, t, self.peer(w), tag=tag) for t, w, tag in recvs]
-        if ops:
-            for req in dist.batch_isend_irecv(ops, prof=True, log_name=P2P_LOG):
-                req.wait()
-        sent = 0
-        for t, w, _ in sends:
-            n = t.numel() * t.element_size()
-            sent += n
-            if self.machine_of[self.peer(w)] != self.machine:
-                self.nic_sent += n
-        return sent
+        return self.send_to_rank([(t, self.peer(w), tag) for t, w, tag in sends],
+                                 [(t, self.peer(w), tag) for t, w, tag in recvs])
 
     def send_to_rank(self, sends: list[tuple[Tensor, int, int]], recvs: list[tuple[Tensor, int, int]]) -> int:
-        """:meth:`exchange` with global ranks as peers."""
+        """:meth:`exchange` with global ranks as peers; counts what goes to other machines."""
         ops = [dist.P2POp(dist.isend, t, r, tag=tag) for t, r, tag in sends]
         ops += [dist.P2POp(dist.irecv, t, r, tag=tag) for t, r, tag in recvs]
         if ops:

@@ -38,12 +38,7 @@ class ResISTModule(nn.Module):
         return (whole if whole is not None else self.module)(*args, **kwargs)
 
     def train(self, mode: bool = True) -> ResISTModule:
-        if not mode and self._resist["whole"] is None and hasattr(self.core.strategy, "slots"):
-            whole = self.core.global_model(None)
-            whole.eval()
-            self._resist["whole"] = whole
-        elif mode:
-            self._resist["whole"] = None
+        self._resist["whole"] = self.core.network_for(mode, self._resist["whole"])
         return super().train(mode)
 
     def global_model(self, dst: int = 0, *, fold: bool = True) -> nn.Module | None:
