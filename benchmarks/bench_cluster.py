@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from resist_det.cluster import ClusterError, check_privileges, node_rates, parse_rate, run_cluster
+from resist_det.io import atomic_write_text
 
 RECIPE = "fashion_mnist_resist"
 PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total time) 3.58-3.81x; "
@@ -180,20 +181,27 @@ def plot(results: dict, args, path: Path, base: str = "local_sgd", ours: str = "
     fig.savefig(path, dpi=110)
 
 
+def mean_time_to_target(results: dict, args, rate: str, mode: str) -> tuple[float, bool]:
+    """Mean over ``--seeds`` of the time to target at ``rate``, and whether every seed reached it."""
+    ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
+    return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
+
+
+def final_accuracy(results: dict, args, rate: str, mode: str) -> float:
+    """Mean over ``--seeds`` of the last epoch's accuracy (%) of the runs trained in full at ``rate``."""
+    return _mean([100 * results[(rate, mode, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
+                  for s in args.seeds if (rate, mode, s) in results and results[(rate, mode, s)]["epochs"]
+                  and not results[(rate, mode, s)]["stopped"]])
+
+
 def peer_checks(results: dict, args, modes: list[str]) -> list[tuple[str, bool]]:
     """ResIST against PyTorch's tools and 8-bit local SGD, when they ran (issue: the strongest peers)."""
     peers = [m for m in modes if m in PEERS]
     if not peers:
         return []
 
-    def mean_t(rate, mode):
-        ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
-        return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
-
-    def final(rate, mode):
-        return _mean([100 * results[(rate, mode, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
-                      for s in args.seeds if (rate, mode, s) in results and results[(rate, mode, s)]["epochs"]
-                      and not results[(rate, mode, s)]["stopped"]])
+    mean_t = lambda rate, mode: mean_time_to_target(results, args, rate, mode)  # noqa: E731
+    final = lambda rate, mode: final_accuracy(results, args, rate, mode)  # noqa: E731
 
     low, high, out = args.rates[0], args.rates[-1], []
     rivals = [m for m in peers + ["local_sgd_8bit"] if m in modes]
@@ -237,14 +245,8 @@ def topology_summary(results: dict, args, modes: list[str], pred: dict, total: f
     lines.append("('NIC MiB acct': what the engines counted as crossing the machines' NICs; n/a for runs recorded before "
                  "the loop logged it; 'plan s/round': the busiest machine's NIC per sync, resist-det plan --nodes)")
 
-    def mean_t(rate, mode):
-        ts = [time_to_target(results[(rate, mode, s)], args.target) for s in args.seeds if (rate, mode, s) in results]
-        return _mean([t for t, _ in ts]), all(ok for _, ok in ts) and bool(ts)
-
-    def final_acc(rate, mode):
-        return _mean([100 * results[(rate, mode, s)]["epochs"][-1].get("metrics", {}).get("accuracy", math.nan)
-                      for s in args.seeds if (rate, mode, s) in results and results[(rate, mode, s)]["epochs"]
-                      and not results[(rate, mode, s)]["stopped"]])
+    mean_t = lambda rate, mode: mean_time_to_target(results, args, rate, mode)  # noqa: E731
+    final_acc = lambda rate, mode: final_accuracy(results, args, rate, mode)  # noqa: E731
 
     low, high = args.rates[0], args.rates[-1]
     for rate in args.rates:
@@ -268,10 +270,7 @@ def topology_summary(results: dict, args, modes: list[str], pred: dict, total: f
     text = "\n".join(lines)
     print(text)
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.record.with_suffix(".tmp")
-        tmp.write_text("$ python " + " ".join(sys.argv) + "\n" + text + "\n")
-        tmp.replace(args.record)
+        atomic_write_text(args.record, "$ python " + " ".join(sys.argv) + "\n" + text + "\n")
         plot(results, args, args.record.with_suffix(".png"), base="local_sgd@node", ours="resist@node")
         print(f"plot: {args.record.with_suffix('.png')}")
     return 0 if all(ok for _, ok in checks) else 1

@@ -131,6 +131,7 @@ def main() -> int:
         worker(args.worker, args.rounds)
         return 0
     from resist_det.cluster import ClusterError, check_privileges
+    from resist_det.io import atomic_write_text
 
     try:
         check_privileges()
@@ -148,10 +149,7 @@ def main() -> int:
                       *lines, *[f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]])
     print(text)
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.record.with_suffix(".tmp")
-        tmp.write_text("$ python " + " ".join(sys.argv) + "\n" + text + "\n")
-        tmp.replace(args.record)
+        atomic_write_text(args.record, "$ python " + " ".join(sys.argv) + "\n" + text + "\n")
     return 0 if all(ok for _, ok in checks) else 1
 
 

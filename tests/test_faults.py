@@ -257,8 +257,25 @@ def test_a_killed_rank_is_restarted_from_the_newest_complete_checkpoint(tmp_path
     assert not list((tmp_path / "killed" / "checkpoints").rglob("*.tmp"))  # the half-written file went with its re-save
 
 
-#: How long ranks may outlive a launcher that stopped (issue: no process outlives its launcher by more than 10 s).
-RANKS_GONE_WITHIN = 10.0
+def _start_training(tmp_path, out, epochs):
+    """``resist-det train`` on 2 ranks of the Fashion-MNIST test recipe into ``tmp_path / out``, in
+    its own session (as a terminal's job); returns (the CLI process, the recipe file)."""
+    recipe = fmnist_recipe(tmp_path, out)
+    recipe["train"]["epochs"] = epochs
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    cli = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return cli, path
+
+
+def _gone(pid: int) -> bool:
+    return process_state(pid) in ("Z", "X")
+
+
+#: How long after its launcher a rank may live: the kernel signals it at once (PR_SET_PDEATHSIG);
+#: the agent, signalled with SIGTERM, gives its ranks torchrun's grace period before SIGKILL.
+ORPHAN_SECONDS = 10
 
 
 def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):
@@ -282,8 +299,7 @@ def test_two_runs_started_together_and_sigterm_to_one_stops_all_of_it(tmp_path):
         os.kill(b.pid, signal.SIGTERM)
         b_out = b.communicate(timeout=60)[0]
         assert b.returncode == 143 and "Traceback" not in b_out, b_out[-3000:]  # the shell's code for SIGTERM, no traceback
-        gone = lambda: not [p for p in ranks if Path(f"/proc/{p}").exists() and "Z" not in process_state(p)]  # noqa: E731
-        assert wait_until(gone, RANKS_GONE_WITHIN), f"ranks {ranks} outlived their launcher by {RANKS_GONE_WITHIN} s"
+        assert wait_until(lambda: all(_gone(p) for p in ranks), ORPHAN_SECONDS), f"ranks {ranks} outlived their launcher"
         assert _rank_pid(str(paths[1]), 0) is None and _rank_pid(str(paths[1]), 1) is None
         out = a.communicate(timeout=300)[0]
         assert a.returncode == 0, out[-3000:]
@@ -301,12 +317,7 @@ def test_ctrl_c_stops_the_run_with_130_and_no_traceback(tmp_path):
     """Ctrl-C at a terminal (SIGINT to the whole foreground process group) stops the launcher and
     every rank; the CLI exits 130, the shell's code for SIGINT, with no traceback."""
     write_idx(tmp_path / "fmnist", n_train=48, n_test=16)
-    recipe = fmnist_recipe(tmp_path, "run")
-    recipe["train"]["epochs"] = 1000
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(recipe))
-    run = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    run, path = _start_training(tmp_path, "run", epochs=1000)
     try:
         wait_until(lambda: logged_a_step(tmp_path / "run" / "metrics.jsonl"), 180, lambda: run.poll() is None, poll=0.5)
         ranks = [_rank_pid(str(path), r) for r in (0, 1)]
@@ -314,8 +325,7 @@ def test_ctrl_c_stops_the_run_with_130_and_no_traceback(tmp_path):
         os.killpg(run.pid, signal.SIGINT)
         out = run.communicate(timeout=60)[0]
         assert run.returncode == 130 and "Traceback" not in out, out[-3000:]
-        assert wait_until(lambda: not [p for p in ranks if Path(f"/proc/{p}").exists() and "Z" not in process_state(p)],
-                          RANKS_GONE_WITHIN)
+        assert wait_until(lambda: all(_gone(p) for p in ranks), ORPHAN_SECONDS)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -348,15 +358,6 @@ def _children(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
-
-
-def _gone(pid: int) -> bool:
-    return process_state(pid) in ("Z", "X")
-
-
-#: How long after its launcher a rank may live: the kernel signals it at once (PR_SET_PDEATHSIG);
-#: the agent, signalled with SIGTERM, gives its ranks torchrun's grace period before SIGKILL.
-ORPHAN_SECONDS = 10
 
 
 @pytest.mark.parametrize("victim", ["agent", "cli"])
@@ -406,12 +407,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     out.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(out)], check=True)
     try:
-        recipe = fmnist_recipe(tmp_path, "small/run")
-        recipe["train"]["epochs"] = 50
-        path = tmp_path / "recipe.json"
-        path.write_text(json.dumps(recipe))
-        cli = subprocess.Popen([sys.executable, "-m", "resist_det.cli", "train", str(path), "--nproc", "2", "--no-progress"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        cli, path = _start_training(tmp_path, "small/run", epochs=50)
         latest = out / "run" / "checkpoints" / "latest"
         assert wait_until(latest.is_file, 180, lambda: cli.poll() is None, poll=0.05)
         with (out / "filler").open("wb") as f:  # fill what is left
