@@ -26,8 +26,10 @@ try:
 except ClusterError as e:
     NO_NETWORK = str(e)
 needs_network = pytest.mark.skipif(bool(NO_NETWORK), reason=NO_NETWORK)
-# Cluster tests may run on several pytest workers at once: each judges only the emulated
-# machines its own process created (``_left``).
+# Every ``resist-det cluster`` run sweeps clusters whose owner is gone, so one started on another
+# pytest worker could remove (and report) the cluster the SIGKILL test leaves for its own second
+# run: the module runs on one worker.
+pytestmark = pytest.mark.xdist_group("cluster")
 
 WIRE_TOLERANCE = 0.03  # TCP/IP headers, acknowledgements and barriers: wire bytes <= accounted x 1.03
 CLI = [sys.executable, "-m", "resist_det.cli"]
