@@ -216,7 +216,8 @@ def peer_checks(results: dict, args, modes: list[str]) -> list[tuple[str, bool]]
     if "post_local_sgd" in modes and "local_sgd" in modes:
         a, b = final(high, "post_local_sgd"), final(high, "local_sgd")
         out.append((f"PyTorch post-local SGD matches the local_sgd mode (final accuracy within 0.5 point, same seeds, {high}): "
-                    f"{a:.2f}% vs {b:.2f}%", abs(a - b) <= 0.5))
+                    + ("NOT MEASURED (neither trained every epoch here: --final-modes / --full-at)" if math.isnan(a - b)
+                       else f"{a:.2f}% vs {b:.2f}%"), abs(a - b) <= 0.5))
     return out
 
 
@@ -303,6 +304,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit-test", type=int, default=2000)
     ap.add_argument("--ddp-cap", type=float, default=5.5, help="stop DDP once it has trained this many times ResIST's time to target")
+    ap.add_argument("--peer-cap", type=float, default=0,
+                    help="stop a PyTorch peer once it has trained this many times ResIST's (8-bit if run) time to target "
+                         "(0: never); a stopped peer's time to target is a lower bound")
     ap.add_argument("--full-at", choices=["highest", "all", "none"], default="highest",
                     help="where runs train every epoch (elsewhere they stop at the target); 'none': final accuracy is not measured")
     ap.add_argument("--final-modes", default="resist,local_sgd",
@@ -344,6 +348,9 @@ def main() -> int:
                 cap = None
                 if mode == "ddp" and (rate, "resist", seed) in results:
                     cap = args.ddp_cap * time_to_target(results[(rate, "resist", seed)], args.target)[0]
+                ref = next((m for m in ("resist_8bit", "resist") if (rate, m, seed) in results), None)
+                if mode in PEERS and args.peer_cap > 0 and ref:
+                    cap = args.peer_cap * time_to_target(results[(rate, ref, seed)], args.target)[0]
                 sets = [a for k, v in overrides(args, mode, seed, out).items() for a in ("--set", f"{k}={json.dumps(v)}")]
                 print(f"== {rate}, {mode}, seed {seed}" + (f" (stopped after {cap:.0f} s of training)" if cap else ""), flush=True)
                 done = out / "cluster" / "cluster.json"

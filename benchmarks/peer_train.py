@@ -123,6 +123,8 @@ def main() -> int:
             loss.backward()
             optimizer.step()
             loss_sum += loss.item()
+            if (i + 1) % recipe.train.log_every == 0:  # progress between epochs: bench_cluster's caps read it
+                log.write(event="step", epoch=epoch, step=i + 1, loss=loss.item())
         net = agreed_model(ddp, args)
         dist.barrier()
         train_seconds += time.perf_counter() - start
