@@ -81,21 +81,8 @@ def _read_xml(xml_path: Path) -> ET.Element:
         raise ValueError(f"{xml_path}: malformed XML ({exc})") from None
 
 
-def parse_voc_xml(
-    xml_path: str | os.PathLike[str],
-    class_to_index: dict[str, int],
-    *,
-    skip_unknown: bool = False,
-    image_path: str | os.PathLike[str] | None = None,
-) -> VOCRecord:
-    """Parse one VOC annotation file into a :class:`VOCRecord` (rules in module doc).
-
-    ``image_path`` is only read (header only) when the XML lacks a usable ``<size>``.
-    """
-    xml_path = Path(xml_path)
-    root = _read_xml(xml_path)
-    image_id = xml_path.stem
-
+def _image_size(root: ET.Element, xml_path: Path, image_path: str | os.PathLike[str] | None) -> tuple[int, int]:
+    """``(width, height)`` from ``<size>``, else from the image's header."""
     width = height = 0
     size = root.find("size")
     if size is not None:
@@ -109,7 +96,50 @@ def parse_voc_xml(
             raise ValueError(f"{xml_path}: missing or invalid <size> and no image to read it from")
         with Image.open(image_path) as im:  # reads the header only
             width, height = im.size
+    return width, height
 
+
+def _box(obj: ET.Element, xml_path: Path, what: str, width: int, height: int) -> list[float]:
+    """The object's box, checked and clipped to the image (rules in module doc)."""
+    bnd = obj.find("bndbox")
+    if bnd is None:
+        raise ValueError(f"{xml_path}: {what} has no <bndbox>")
+    x1, y1, x2, y2 = (_number(bnd, t, xml_path, what) for t in ("xmin", "ymin", "xmax", "ymax"))
+    if x2 < x1 or y2 < y1:
+        raise ValueError(
+            f"{xml_path}: {what} has an inverted box "
+            f"(xmin={x1}, ymin={y1}, xmax={x2}, ymax={y2}); expected xmax >= xmin and ymax >= ymin"
+        )
+    if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
+        raise ValueError(
+            f"{xml_path}: {what} box ({x1}, {y1}, {x2}, {y2}) lies entirely outside "
+            f"the {width}x{height} image"
+        )
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
+        warnings.warn(
+            f"{xml_path}: {what} box ({x1}, {y1}, {x2}, {y2}) extends outside the "
+            f"{width}x{height} image; clipped to ({cx1}, {cy1}, {cx2}, {cy2})",
+            stacklevel=3,
+        )
+    return [cx1, cy1, cx2, cy2]
+
+
+def parse_voc_xml(
+    xml_path: str | os.PathLike[str],
+    class_to_index: dict[str, int],
+    *,
+    skip_unknown: bool = False,
+    image_path: str | os.PathLike[str] | None = None,
+) -> VOCRecord:
+    """Parse one VOC annotation file into a :class:`VOCRecord` (rules in module doc).
+
+    ``image_path`` is only read (header only) when the XML lacks a usable ``<size>``.
+    """
+    xml_path = Path(xml_path)
+    root = _read_xml(xml_path)
+    width, height = _image_size(root, xml_path, image_path)
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
@@ -125,35 +155,13 @@ def parse_voc_xml(
                 f"({len(class_to_index)} classes); pass classes=collect_classes(...) for a "
                 f"custom dataset or skip_unknown=True to drop such objects"
             )
-        bnd = obj.find("bndbox")
-        if bnd is None:
-            raise ValueError(f"{xml_path}: {what} has no <bndbox>")
-        x1, y1, x2, y2 = (_number(bnd, t, xml_path, what) for t in ("xmin", "ymin", "xmax", "ymax"))
-        if x2 < x1 or y2 < y1:
-            raise ValueError(
-                f"{xml_path}: {what} has an inverted box "
-                f"(xmin={x1}, ymin={y1}, xmax={x2}, ymax={y2}); expected xmax >= xmin and ymax >= ymin"
-            )
-        if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
-            raise ValueError(
-                f"{xml_path}: {what} box ({x1}, {y1}, {x2}, {y2}) lies entirely outside "
-                f"the {width}x{height} image"
-            )
-        cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-        cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
-        if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-            warnings.warn(
-                f"{xml_path}: {what} box ({x1}, {y1}, {x2}, {y2}) extends outside the "
-                f"{width}x{height} image; clipped to ({cx1}, {cy1}, {cx2}, {cy2})",
-                stacklevel=2,
-            )
-        boxes.append([cx1, cy1, cx2, cy2])
+        boxes.append(_box(obj, xml_path, what, width, height))
         labels.append(class_to_index[name])
         difficult.append(_flag(obj, "difficult", xml_path, what))
         truncated.append(_flag(obj, "truncated", xml_path, what))
 
     return VOCRecord(
-        image_id=image_id,
+        image_id=xml_path.stem,
         width=width,
         height=height,
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),

@@ -80,26 +80,17 @@ def _make_coco(images: list[dict[str, Any]], categories: list[dict[str, Any]], a
     return coco
 
 
-def coco_evaluate(
-    detections: Sequence[Mapping[str, Any]],
-    ground_truths: Sequence[Mapping[str, Any]],
-    num_classes: int,
-    *,
-    difficult: Literal["crowd", "drop", "keep"] = "crowd",
-) -> CocoStats:
-    """Run pycocotools' bbox COCOeval on per-image detections / ground truth.
+def _class_mean(p: np.ndarray) -> np.ndarray:
+    """Mean over every axis but the last (classes) of COCOeval's precision, ignoring its -1 (no data)."""
+    valid = p > -1
+    total = np.where(valid, p, 0.0).sum(axis=tuple(range(p.ndim - 1)))
+    count = valid.sum(axis=tuple(range(p.ndim - 1)))
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
-    Same inputs as :func:`evaluate_detections`: ``detections[i]`` with ``boxes``,
-    ``scores``, ``labels``; ``ground_truths[i]`` with ``boxes``, ``labels`` and optional
-    ``difficult``, plus optional ``size`` ``(h, w)`` (only informational for COCO).
-    """
-    if len(detections) != len(ground_truths):
-        raise ValueError(
-            f"detections has {len(detections)} images but ground_truths has {len(ground_truths)}"
-        )
-    if difficult not in ("crowd", "drop", "keep"):
-        raise ValueError(f"difficult must be 'crowd', 'drop' or 'keep', got {difficult!r}")
-    categories = [{"id": c + 1, "name": str(c)} for c in range(num_classes)]
+
+def _annotations(detections: Sequence[Mapping[str, Any]], ground_truths: Sequence[Mapping[str, Any]], num_classes: int,
+                 difficult: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO ``images``, ground-truth and detection annotations (1-based ids, category = label + 1)."""
     images: list[dict[str, Any]] = []
     gt_anns: list[dict[str, Any]] = []
     dt_anns: list[dict[str, Any]] = []
@@ -129,6 +120,31 @@ def coco_evaluate(
             dt_anns.append({"id": len(dt_anns) + 1, "image_id": i + 1, "category_id": lab + 1,
                             "bbox": box, "area": box[2] * box[3], "score": score, "iscrowd": 0})
 
+    return images, gt_anns, dt_anns
+
+
+def coco_evaluate(
+    detections: Sequence[Mapping[str, Any]],
+    ground_truths: Sequence[Mapping[str, Any]],
+    num_classes: int,
+    *,
+    difficult: Literal["crowd", "drop", "keep"] = "crowd",
+) -> CocoStats:
+    """Run pycocotools' bbox COCOeval on per-image detections / ground truth.
+
+    Same inputs as :func:`evaluate_detections`: ``detections[i]`` with ``boxes``,
+    ``scores``, ``labels``; ``ground_truths[i]`` with ``boxes``, ``labels`` and optional
+    ``difficult``, plus optional ``size`` ``(h, w)`` (only informational for COCO).
+    """
+    if len(detections) != len(ground_truths):
+        raise ValueError(
+            f"detections has {len(detections)} images but ground_truths has {len(ground_truths)}"
+        )
+    if difficult not in ("crowd", "drop", "keep"):
+        raise ValueError(f"difficult must be 'crowd', 'drop' or 'keep', got {difficult!r}")
+    categories = [{"id": c + 1, "name": str(c)} for c in range(num_classes)]
+    images, gt_anns, dt_anns = _annotations(detections, ground_truths, num_classes, difficult)
+
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         coco_gt = _make_coco(images, categories, gt_anns)
@@ -142,12 +158,6 @@ def coco_evaluate(
     # precision: [T iou thresholds, R recall points, K classes, A area ranges, M max-dets]
     precision = evaluator.eval["precision"][:, :, :, 0, -1]
     iou_thrs = evaluator.params.iouThrs
-
-    def _class_mean(p: np.ndarray) -> np.ndarray:
-        valid = p > -1
-        total = np.where(valid, p, 0.0).sum(axis=tuple(range(p.ndim - 1)))
-        count = valid.sum(axis=tuple(range(p.ndim - 1)))
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
     per_class_ap = _class_mean(precision)
     per_class_ap50 = _class_mean(precision[np.isclose(iou_thrs, 0.5)][0])

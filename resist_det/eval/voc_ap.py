@@ -206,6 +206,42 @@ def _match(
     return ovmax, jmax
 
 
+def _class_aps(det_labels: np.ndarray, det_scores: np.ndarray, ovmax: np.ndarray, jmax: np.ndarray,
+               gt_difficult: np.ndarray, npos: np.ndarray, num_classes: int, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class AP (VOC07 11-point, all-point) from each detection's best match (NaN: no positives)."""
+    # Group by class, descending score within a class, ties in input order: a stable
+    # score sort followed by a stable (radix, for small ints) sort on the label.
+    order = np.argsort(-det_scores, kind="stable")
+    label_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
+    order = order[np.argsort(det_labels[order].astype(label_dtype), kind="stable")]
+    det_labels, ovmax, jmax = det_labels[order], ovmax[order], jmax[order]
+    hit = ovmax > iou_threshold
+    hit_difficult = np.zeros_like(hit)
+    hit_difficult[hit] = gt_difficult[jmax[hit]]
+    candidate = np.flatnonzero(hit & ~hit_difficult)  # in score order within each class
+    tp = np.zeros(len(order), bool)
+    _, first = np.unique(jmax[candidate], return_index=True)  # first claimer of each GT wins
+    tp[candidate[first]] = True
+    counted = ~hit_difficult  # ignored detections are dropped from the curve
+
+    ap_07 = np.full(num_classes, np.nan)
+    ap_all = np.full(num_classes, np.nan)
+    bounds = np.searchsorted(det_labels, np.arange(num_classes + 1))
+    for c in range(num_classes):
+        if npos[c] == 0:
+            continue
+        sl = slice(bounds[c], bounds[c + 1])
+        tp_c = tp[sl][counted[sl]]
+        ctp = np.cumsum(tp_c)
+        cfp = np.cumsum(~tp_c)
+        rec = ctp / npos[c]
+        prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+        ap_07[c] = voc_ap(rec, prec, use_07_metric=True)
+        ap_all[c] = voc_ap(rec, prec, use_07_metric=False)
+
+    return ap_07, ap_all
+
+
 def evaluate_detections(
     detections: Sequence[Mapping[str, Any]],
     ground_truths: Sequence[Mapping[str, Any]],
@@ -242,35 +278,7 @@ def evaluate_detections(
     # Best GT per detection does not depend on the order, so match before sorting.
     ovmax, jmax = _match(det_boxes, det_image * num_classes + det_labels, gt_boxes, gt_image * num_classes + gt_labels)
 
-    # Group by class, descending score within a class, ties in input order: a stable
-    # score sort followed by a stable (radix, for small ints) sort on the label.
-    order = np.argsort(-det_scores, kind="stable")
-    label_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int64
-    order = order[np.argsort(det_labels[order].astype(label_dtype), kind="stable")]
-    det_labels, ovmax, jmax = det_labels[order], ovmax[order], jmax[order]
-    hit = ovmax > iou_threshold
-    hit_difficult = np.zeros_like(hit)
-    hit_difficult[hit] = gt_difficult[jmax[hit]]
-    candidate = np.flatnonzero(hit & ~hit_difficult)  # in score order within each class
-    tp = np.zeros(len(order), bool)
-    _, first = np.unique(jmax[candidate], return_index=True)  # first claimer of each GT wins
-    tp[candidate[first]] = True
-    counted = ~hit_difficult  # ignored detections are dropped from the curve
-
-    ap_07 = np.full(num_classes, np.nan)
-    ap_all = np.full(num_classes, np.nan)
-    bounds = np.searchsorted(det_labels, np.arange(num_classes + 1))
-    for c in range(num_classes):
-        if npos[c] == 0:
-            continue
-        sl = slice(bounds[c], bounds[c + 1])
-        tp_c = tp[sl][counted[sl]]
-        ctp = np.cumsum(tp_c)
-        cfp = np.cumsum(~tp_c)
-        rec = ctp / npos[c]
-        prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-        ap_07[c] = voc_ap(rec, prec, use_07_metric=True)
-        ap_all[c] = voc_ap(rec, prec, use_07_metric=False)
+    ap_07, ap_all = _class_aps(det_labels, det_scores, ovmax, jmax, gt_difficult, npos, num_classes, iou_threshold)
 
     def _mean(ap: np.ndarray) -> float:
         valid = ~np.isnan(ap)
