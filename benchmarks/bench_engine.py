@@ -251,7 +251,7 @@ def _predicted(s: int, rounds: int, bits: int) -> float:
 
     rep = plan_report(_model("resist", device="meta"), s, min_blocks=MIN_BLOCKS if MODEL == PAPER_MODEL else None,
                       seed=SEED, rounds=rounds + 1, codec=Codec(bits) if bits != 32 else None)
-    return statistics.mean(r["bytes"] for r in rep["rounds"][1:])
+    return statistics.mean(r.bytes for r in rep.rounds[1:])
 
 
 def bench_bytes(a: argparse.Namespace, say: Callable[[str], None]) -> bool:

@@ -121,7 +121,7 @@ def run(folder: Path, args, coco: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vision", type=Path, required=True, help="a checkout of pytorch/vision")
-    ap.add_argument("--images", type=int, default=400, help="shapes images (half train, half val)")
+    ap.add_argument("--images", type=int, default=400, help="shapes images (VOC trainval -> train2017, test -> val2017)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=0.02)

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from .console import fail as _fail
+
+if TYPE_CHECKING:
+    from .resist.accounting import PlanReport
 
 __all__ = ["plan_command"]
 
@@ -28,11 +31,8 @@ def plan_command(
 ) -> None:
     """Show the partition of a network over S workers, depth per sub-ResNet and bytes per round
     (with --rate: predicted seconds per round for ResIST, local SGD and DDP)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from .models.zoo import build_named_model
-    from .resist.accounting import link_seconds, plan_report
+    from .resist.accounting import plan_report
 
     try:
         if nodes is not None and workers is not None:
@@ -66,27 +66,38 @@ def plan_command(
                           rounds=max(rounds, 2), codec=Codec(bits), topk=topk, sections=chosen)
     except (ValueError, KeyError, TypeError) as e:
         raise _fail(str(e).replace("resist.min_blocks", "--min-blocks").replace("resist.sections", "--sections")) from None
+    _print_plan(rep, rounds, rate, rate_bits if rate is not None else None, local_steps, compressed=bits != 32 or topk is not None)
+
+
+def _print_plan(rep: "PlanReport", rounds: int, rate: str | None, rate_bits: float | None, local_steps: int, *,
+                compressed: bool) -> None:
+    """A plan report: sections, depth, each round's blocks and bytes, and with ``rate`` seconds per round."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .resist.accounting import link_seconds
+
     console = Console(width=max(100, Console().width))
     _print_sections(console, rep)
-    console.print(f"each sub-ResNet: {rep['blocks_per_worker']} partitioned blocks (min_blocks {rep['min_blocks']}), "
-                  f"depth {rep['depth']} of {rep['full_depth']} blocks; residual scale of the global network {rep['scale']:.4f}")
-    first = rep["rounds"][0]["rank_params"]
+    console.print(f"each sub-ResNet: {rep.blocks_per_worker} partitioned blocks (min_blocks {rep.min_blocks}), "
+                  f"depth {rep.depth} of {rep.full_depth} blocks; residual scale of the global network {rep.scale:.4f}")
+    first = rep.rounds[0].rank_params
     console.print(f"parameters per rank in round 0: mean {sum(first) / len(first):,.0f}, max {max(first):,} "
-                  f"({max(first) / rep['total_params']:.3f} of the whole network)")
-    if rep["degenerate"]:
-        console.print(f"[bold yellow]warning:[/] {rep['degenerate']}")
-    for r in rep["rounds"][:rounds]:
-        table = Table(title=f"round {r['round']}")
+                  f"({max(first) / rep.total_params:.3f} of the whole network)")
+    if rep.degenerate:
+        console.print(f"[bold yellow]warning:[/] {rep.degenerate}")
+    for r in rep.rounds[:rounds]:
+        table = Table(title=f"round {r.round}")
         table.add_column("rank", justify="right")
         table.add_column("blocks held")
-        for rank, g in enumerate(r["groups"]):
+        for rank, g in enumerate(r.groups):
             table.add_row(str(rank), " ".join(str(b) for b in g))
         console.print(table)
-        if r["bytes"] is not None:
-            line = (f"sync into round {r['round']}: {r['bytes'] / 2**20:.1f} MiB (local SGD {rep['local_sgd_bytes'] / 2**20:.1f} MiB, "
-                    f"ratio {r['bytes'] / rep['local_sgd_bytes']:.3f}")
-            if bits != 32 or topk is not None:
-                line += f"; compressed ResIST / fp32 local SGD {r['bytes'] / rep['fp32_local_sgd_bytes']:.3f}"
+        if r.bytes is not None:
+            line = (f"sync into round {r.round}: {r.bytes / 2**20:.1f} MiB (local SGD {rep.local_sgd_bytes / 2**20:.1f} MiB, "
+                    f"ratio {r.bytes / rep.local_sgd_bytes:.3f}")
+            if compressed:
+                line += f"; compressed ResIST / fp32 local SGD {r.bytes / rep.fp32_local_sgd_bytes:.3f}"
             console.print(line + ")")
     if rate is not None:
         t = link_seconds(rep, rate_bits)
@@ -95,8 +106,8 @@ def plan_command(
             table.add_column(col, justify="left" if col == "mode" else "right")
         mean_rank = t["resist_round"] * rate_bits / 8
         table.add_row("resist", f"{mean_rank / 2**20:.2f} MiB", f"{t['resist_round']:.2f}")
-        table.add_row("local_sgd", f"{rep['local_sgd_rank_bytes'] / 2**20:.2f} MiB", f"{t['local_sgd_round']:.2f}")
-        table.add_row("ddp", f"{local_steps * rep['ddp_rank_bytes_per_step'] / 2**20:.2f} MiB", f"{local_steps * t['ddp_step']:.2f}")
+        table.add_row("local_sgd", f"{rep.local_sgd_rank_bytes / 2**20:.2f} MiB", f"{t['local_sgd_round']:.2f}")
+        table.add_row("ddp", f"{local_steps * rep.ddp_rank_bytes_per_step / 2**20:.2f} MiB", f"{local_steps * t['ddp_step']:.2f}")
         console.print(table)
 
 
@@ -133,17 +144,17 @@ def _print_machines(both: dict[str, Any], nodes: int, g: int, rate: str | None, 
             console.print(f"[bold yellow]warning:[/] {kind}: {both[kind]['degenerate']}")
 
 
-def _print_sections(console: Any, rep: dict[str, Any]) -> None:
+def _print_sections(console: Any, rep: "PlanReport") -> None:
     """The partitioned sections of a plan report: blocks, parameters, the share partitioned."""
     from rich.table import Table
 
-    console.print(f"{rep['model']}: {rep['num_blocks']} partitionable blocks of {rep['partitioned_params']:,} parameters; "
-                  f"shared {rep['shared_params']:,} of {rep['total_params']:,} parameters "
-                  f"({rep['partitioned_params'] / rep['total_params']:.1%} partitioned)")
+    console.print(f"{rep.model}: {rep.num_blocks} partitionable blocks of {rep.partitioned_params:,} parameters; "
+                  f"shared {rep.shared_params:,} of {rep.total_params:,} parameters "
+                  f"({rep.partitioned_params / rep.total_params:.1%} partitioned)")
     table = Table(title="partitioned sections")
     for col in ("section", "partitionable blocks", "parameters", "share of all"):
         table.add_column(col, justify="left" if col in ("section", "partitionable blocks") else "right")
-    for sec in rep["sections"]:
+    for sec in rep.sections:
         table.add_row(sec["name"], " ".join(b.rpartition(".")[2] for b in sec["blocks"]), f"{sec['params']:,}",
-                      f"{sec['params'] / rep['total_params']:.1%}")
+                      f"{sec['params'] / rep.total_params:.1%}")
     console.print(table)

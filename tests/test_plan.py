@@ -103,15 +103,15 @@ def test_stock_backbones_partition_every_section():
     from resist_det.resist.accounting import plan_report
 
     r50 = plan_report(build_named_model("resnet50", 10), 4, rounds=2)
-    assert [s["name"] for s in r50["sections"]] == ["layer1", "layer2", "layer3", "layer4"]
-    assert r50["rounds"][1]["bytes"] / r50["local_sgd_bytes"] <= 0.55
-    assert max(r50["rounds"][0]["rank_params"]) / r50["total_params"] <= 0.6
+    assert [s["name"] for s in r50.sections] == ["layer1", "layer2", "layer3", "layer4"]
+    assert r50.rounds[1].bytes / r50.local_sgd_bytes <= 0.55
+    assert max(r50.rounds[0].rank_params) / r50.total_params <= 0.6
     for workers in (2, 4):
         r18 = plan_report(build_named_model("resnet18", 10), workers, rounds=2)
-        assert not r18["degenerate"] and r18["blocks_per_worker"] < r18["num_blocks"] == 4
+        assert not r18.degenerate and r18.blocks_per_worker < r18.num_blocks == 4
     # Section 3 alone with the paper's minimum depth degenerates on resnet50: reported as local SGD's bytes.
     only3 = plan_report(build_named_model("resnet50", 10), 4, rounds=2, sections=["layer3"], min_blocks=5)
-    assert only3["degenerate"] and only3["rounds"][1]["bytes"] == only3["local_sgd_bytes"]
+    assert only3.degenerate and only3.rounds[1].bytes == only3.local_sgd_bytes
 
 
 def test_plan_of_a_torchvision_detector_opens_no_socket(monkeypatch):
@@ -161,3 +161,25 @@ def test_plan_nodes_compares_rank_and_node_topologies():
     assert f"node / rank ResIST bytes over the slow link: {both['node']['nic_round'] / both['rank']['nic_round']:.3f}" in out
     bad = CliRunner().invoke(app, ["plan", "-S", "4", "--nodes", "2"])
     assert bad.exit_code == 1 and "give -S (sub-networks) or --nodes (machines), not both" in " ".join(bad.output.split())
+
+
+def test_bench_runs_a_checkout_script_and_names_what_is_missing(tmp_path):
+    """``resist-det bench`` runs a benchmark of a checkout with the extra arguments (here one its
+    argparse refuses, exit 2, which the command passes on);
+    an unknown name or a folder without the script is one line naming it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from resist_det.cli import app
+
+    repo = Path(__file__).resolve().parent.parent
+    ok = subprocess.run([sys.executable, "-m", "resist_det.cli", "bench", "engine", "--scripts", str(repo / "benchmarks"), "no-such-bench"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 2 and "bench_engine.py: error: argument which: invalid choice: 'no-such-bench'" in ok.stderr, ok.stderr
+    bad = CliRunner().invoke(app, ["bench", "nope"])
+    assert bad.exit_code == 1 and "unknown benchmark 'nope'" in bad.output
+    gone = CliRunner().invoke(app, ["bench", "engine", "--scripts", str(tmp_path)])
+    assert gone.exit_code == 1 and f"--scripts: {tmp_path / 'bench_engine.py'} not found" in " ".join(gone.output.split())

@@ -53,22 +53,18 @@ def initialize(
     *,
     resist: ResISTConfig | None = None,
 ) -> tuple[ResISTEngine, Any, Any, Any]:
-    """``deepspeed.initialize`` with ResIST; same arguments, same order, same return value
+    """``deepspeed.initialize`` with ResIST: same arguments, order and return value
     ``(engine, optimizer, training_dataloader, lr_scheduler)``.
 
-    The DeepSpeed config comes from ``config``, ``config_params`` or ``args.deepspeed_config``
-    (``args.deepscale_config``), as in DeepSpeed; its optional ``"resist"`` section
-    (:class:`~resist_det.resist.config.ResISTConfig`) is taken out before DeepSpeed sees it, or
-    pass the validated settings as ``resist=``.  In mode ``resist`` the model becomes this rank's
-    sub-ResNet in place: the partitioned blocks it does not hold are dropped (with
-    ``resist.warmup_local_sgd_steps`` > 0 it first holds every block and drops the others when
-    the warm-up ends), and so are their parameters from ``model_parameters`` (parameters or
-    parameter groups, whose options are kept) and from a client ``optimizer`` instance (its
-    groups are filtered in place, so a client ``lr_scheduler`` stays valid).  Any residual
-    network with registered blocks works (:mod:`resist_det.resist.adapters`); a model built on
-    the meta device is materialised only for the layers this rank holds, each unit initialised
-    from ``resist.seed``.
-    """
+    The DeepSpeed config comes from ``config``, ``config_params`` or ``args.deepspeed_config``, as
+    in DeepSpeed; its optional ``"resist"`` section (:class:`~resist_det.resist.config.ResISTConfig`,
+    or ``resist=``) is taken out before DeepSpeed sees it.  In mode ``resist`` the model becomes
+    this rank's sub-ResNet in place (with ``resist.warmup_local_sgd_steps`` > 0 only when the
+    warm-up ends): the blocks it does not hold are dropped, with their parameters from
+    ``model_parameters`` (groups keep their options) and from a client ``optimizer`` (filtered in
+    place, so a client ``lr_scheduler`` stays valid).  Any residual network with registered blocks
+    works (:mod:`resist_det.resist.adapters`); a model on the meta device is materialised only for
+    the layers this rank holds, each unit initialised from ``resist.seed``."""
     if model is None:
         raise TypeError("initialize() needs a model (positional after args, or model=...)")
     ds_config, rc, args = _resolve_config(args, config, config_params, resist)
@@ -103,10 +99,7 @@ def initialize(
         engine.save_non_zero_checkpoint = topology.rank == 0
     # deepspeed.initialize broadcast every parameter from rank 0 (the slots empty on every rank,
     # so the structures matched): give this rank's own blocks back.
-    if stash:
-        for (sec, i), state in stash:
-            sec.allocate(i)
-            sec.slots[i].load_state_dict(state)
+    restore_blocks(stash)
     if rc.mode != "ddp":
         # DeepSpeed all-reduces gradients only inside a machine of several ranks (topology node)
         engine.enable_backward_allreduce = topology.node and topology.local_size > 1
@@ -187,10 +180,74 @@ def _block_sizes(model: nn.Module, names: list[str]) -> list[int]:
             for n in names]
 
 
+def restore_blocks(stash: list[Any]) -> None:
+    """Put back the blocks :func:`make_sub_network` set aside (``((section, slot), state)`` pairs)."""
+    for (sec, i), state in stash:
+        sec.allocate(i)
+        sec.slots[i].load_state_dict(state)
+
+
+def _whole_network(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig) -> tuple[nn.Module, Any]:
+    """A degenerate plan: the whole network on every rank (materialised from ``resist.seed`` if
+    it is on the meta device) and its trainable parameters."""
+    if any(p.is_meta for p in model.parameters()):  # materialised whole, each unit from resist.seed
+        if isinstance(optimizer, torch.optim.Optimizer) or (model_parameters is not None and any(
+                isinstance(g, dict) for g in model_parameters)):
+            raise ValueError("a client optimizer or parameter groups cannot refer to a model on the meta device; "
+                             "build it on a real device")
+        init_network_(model.to_empty(device="cpu"), rc.seed)
+        model_parameters = None  # the meta parameters were replaced
+    if model_parameters is None:
+        model_parameters = [p for p in model.parameters() if p.requires_grad]
+    return model, model_parameters
+
+
+def _client_groups(model_parameters: Any, optimizer: Any, meta: bool) -> list[dict[str, Any]] | None:
+    """The user's ``model_parameters`` as parameter groups (``None``: none given, or they name meta
+    parameters that are about to be replaced)."""
+    if isinstance(optimizer, torch.optim.Optimizer) and meta:
+        raise ValueError("a client optimizer instance cannot hold the parameters of a model on the meta device; "
+                         "pass a callable (params -> optimizer) or an optimizer section in the config")
+    if model_parameters is None:
+        return None
+    grouped = bool(model_parameters) and isinstance(model_parameters[0], dict)
+    if meta and grouped:
+        raise ValueError("parameter groups cannot refer to a model on the meta device; build it on a real device")
+    if meta:
+        return None
+    return [{**g, "params": list(g["params"])} for g in (model_parameters if grouped else [{"params": model_parameters}])]
+
+
+def _held_parameters(model: nn.Module, model_parameters: Any, groups: list[dict[str, Any]] | None, optimizer: Any) -> Any:
+    """What DeepSpeed trains on this rank: the given parameters (or groups) of the blocks held; a
+    client optimizer is filtered in place, so a client scheduler keeps working."""
+    held_ids = {id(p) for p in model.parameters()}
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.param_groups[:] = _keep_params(optimizer.param_groups, held_ids)
+        for p in [p for p in optimizer.state if id(p) not in held_ids]:
+            del optimizer.state[p]
+    if groups is None:  # none given, or materialised from the meta device: new parameter objects
+        return [p for p in model.parameters() if p.requires_grad]
+    kept = _keep_params(groups, held_ids)
+    return kept if isinstance(model_parameters[0], dict) else kept[0]["params"]
+
+
+def _set_aside(sections: list[Any]) -> list[Any]:
+    """Empty every slot, keeping a copy of this rank's blocks: deepspeed.initialize broadcasts every
+    parameter from rank 0, so all ranks must show it the same (empty) slots."""
+    stash = []
+    for _, sec in sections:
+        for i, b in enumerate(sec.slot_blocks):
+            if b is not None:
+                stash.append(((sec, i), {k: v.clone() for k, v in sec.slots[i].state_dict().items()}))
+            sec.release(i)
+    return stash
+
+
 def make_sub_network(model: nn.Module, model_parameters: Any, optimizer: Any, rc: ResISTConfig, topology: Topology):
     """Mode ``resist``: this rank's sub-ResNet, its trainable parameters (or groups), the
     strategy's arguments (empty when the plan degenerates into local SGD), and a copy of its
-    blocks to restore after DeepSpeed's broadcast."""
+    blocks to restore after DeepSpeed's broadcast (:func:`restore_blocks`)."""
     names = partitionable_blocks(model, rc.block_pattern, rc.sections)
     if not names:
         raise ValueError(
@@ -207,29 +264,11 @@ def make_sub_network(model: nn.Module, model_parameters: Any, optimizer: Any, rc
         # routing), never with more bytes.
         if topology.rank == 0:
             warnings.warn(f"ResIST plan degenerates: {reason}", stacklevel=3)
-        if any(p.is_meta for p in model.parameters()):  # materialised whole, each unit from resist.seed
-            if isinstance(optimizer, torch.optim.Optimizer) or (model_parameters is not None and any(
-                    isinstance(g, dict) for g in model_parameters)):
-                raise ValueError("a client optimizer or parameter groups cannot refer to a model on the meta device; "
-                                 "build it on a real device")
-            init_network_(model.to_empty(device="cpu"), rc.seed)
-            model_parameters = None  # the meta parameters were replaced
-        if model_parameters is None:
-            model_parameters = [p for p in model.parameters() if p.requires_grad]
-        return model, model_parameters, {}, []
+        return (*_whole_network(model, model_parameters, optimizer, rc), {}, [])
     meta = any(p.is_meta for p in model.parameters())
-    if isinstance(optimizer, torch.optim.Optimizer) and meta:
-        raise ValueError("a client optimizer instance cannot hold the parameters of a model on the meta device; "
-                         "pass a callable (params -> optimizer) or an optimizer section in the config")
-    groups = None
     if model_parameters is not None:
         model_parameters = list(model_parameters)
-        groups = model_parameters if model_parameters and isinstance(model_parameters[0], dict) else [{"params": model_parameters}]
-        groups = [{**g, "params": list(g["params"])} for g in groups]
-    if meta and groups is not None:  # the meta parameters are about to be replaced by real ones
-        if isinstance(model_parameters[0], dict):
-            raise ValueError("parameter groups cannot refer to a model on the meta device; build it on a real device")
-        groups = None
+    groups = _client_groups(model_parameters, optimizer, meta)
     if not meta:
         same_start(model)
     sizes = _block_sizes(model, names)
@@ -242,26 +281,8 @@ def make_sub_network(model: nn.Module, model_parameters: Any, optimizer: Any, rc
     # A worker holds at most min(k, n_s) blocks of section s in any round: that many slots.
     slots = [min(k, n) for n in per_section]
     model, sections = make_sub_resnet(model, names, held, seed=rc.seed, slots_per_section=per_section if warmup else slots)
-    held_ids = {id(p) for p in model.parameters()}
-    if groups is None:  # materialised from the meta device: new parameter objects
-        params: Any = [p for p in model.parameters() if p.requires_grad]
-    elif isinstance(model_parameters[0], dict):
-        params = _keep_params(groups, held_ids)
-    else:
-        params = _keep_params(groups, held_ids)[0]["params"]
-    if isinstance(optimizer, torch.optim.Optimizer):  # filtered in place: a client scheduler keeps working
-        optimizer.param_groups[:] = _keep_params(optimizer.param_groups, held_ids)
-        for p in [p for p in optimizer.state if id(p) not in held_ids]:
-            del optimizer.state[p]
-    # deepspeed.initialize broadcasts every parameter from rank 0; keep this rank's blocks aside
-    # and empty every slot, so that all ranks show DeepSpeed the same (empty) slots.
+    params = _held_parameters(model, model_parameters, groups, optimizer)
     # (During the warm-up every rank starts from rank 0's copy of everything, as in local_sgd.)
-    stash = []
-    if not warmup:
-        for _, sec in sections:
-            for i, b in enumerate(sec.slot_blocks):
-                if b is not None:
-                    stash.append(((sec, i), {k: v.clone() for k, v in sec.slots[i].state_dict().items()}))
-                sec.release(i)
+    stash = [] if warmup else _set_aside(sections)
     sub = dict(block_names=names, sections=sections, slots_per_section=slots, block_sizes=sizes)
     return model, params, sub, stash

@@ -188,7 +188,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     ``optimizer.state_dict()`` / ``load_state_dict()`` (load it before the model's) as on the
     DeepSpeed engine.  Gradient clipping, accumulation and AMP stay in the user's loop.
     """
-    from ..resist.build import check_same_config, make_sub_network, same_start
+    from ..resist.build import check_same_config, make_sub_network, restore_blocks, same_start
     from ..resist.process_group import init_process_group
     from ..resist.strategies import make_strategy
     from ..resist.topology import build_topology
@@ -201,9 +201,7 @@ def prepare(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     sub: dict[str, Any] = {}
     if rc.mode == "resist":
         model, _, sub, stash = make_sub_network(model, None, optimizer, rc, topology)
-        for (sec, i), state in stash:  # nothing is broadcast over the slots here: give the blocks back now
-            sec.allocate(i)
-            sec.slots[i].load_state_dict(state)
+        restore_blocks(stash)  # nothing is broadcast over the slots here: give the blocks back now
     if not sub and not any(p.is_meta for p in model.parameters()):
         same_start(model)  # local SGD (or a degenerate plan): every rank from rank 0's weights, as DDP starts
     strategy = make_strategy(rc, model, optimizer, topology, **sub)
