@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from resist_det.train.launch import launch, recipe_path
+from resist_det.record import host_line, write_record
 
 ADAM = {"type": "Adam", "params": {"lr": 1e-3, "weight_decay": 0.0005, "torch_adam": True}}
 
@@ -31,6 +32,8 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_adam_state")
     ap.add_argument("--record", type=Path, default=None)
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     rows = []
     for mode, momentum in [(m, mo) for m in ("resist", "local_sgd") for mo in ("restart", "keep", "average")]:
         out = Path(args.out) / f"{mode}_{momentum}"
@@ -42,8 +45,7 @@ def main() -> int:
             return 2
         s = json.loads((out / "summary.json").read_text())
         rows.append((mode, momentum, s["metrics"]["accuracy"], s["round"]))
-    lines = [f"$ python benchmarks/bench_adam_state.py --epochs {args.epochs} --seed {args.seed}",
-             f"Fashion-MNIST, Adam lr 1e-3, {args.nproc} CPU ranks, {args.epochs} epochs, seed {args.seed}",
+    lines = [f"Fashion-MNIST, Adam lr 1e-3, {args.nproc} CPU ranks, {args.epochs} epochs, seed {args.seed}",
              f"{'mode':<10} {'momentum':<8} {'rounds':>6} {'test acc':>9}"]
     lines += [f"{m:<10} {mo:<8} {r:>6} {100 * a:>8.2f}%" for m, mo, a, r in rows]
     acc = {(m, mo): a for m, mo, a, _ in rows}
@@ -52,7 +54,7 @@ def main() -> int:
                      f"average - restart {100 * (acc[m, 'average'] - acc[m, 'restart']):+.2f} points")
     print("\n".join(lines))
     if args.record:
-        args.record.write_text("\n".join(lines) + "\n")
+        write_record(args.record, lines, host=host)
     return 0
 
 

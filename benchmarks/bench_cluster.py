@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from resist_det.cluster import ClusterError, check_privileges, node_rates, parse_rate, run_cluster
-from resist_det.io import atomic_write_text
+from resist_det.record import host_line, write_record
 
 RECIPE = "fashion_mnist_resist"
 PAPER = ("paper, ResIST / local SGD speedup: Table 4 (CIFAR, 4-8 machines, total time) 3.58-3.81x; "
@@ -221,7 +221,7 @@ def peer_checks(results: dict, args, modes: list[str]) -> list[tuple[str, bool]]
     return out
 
 
-def topology_summary(results: dict, args, modes: list[str], pred: dict, total: float) -> int:
+def topology_summary(results: dict, args, modes: list[str], pred: dict, total: float, host: str) -> int:
     """Machines of several ranks: ResIST with topology node against rank and hierarchical local SGD."""
     lines = [f"Fashion-MNIST, {args.nodes} emulated machines x {args.nproc_per_node} ranks (tbf-shaped NICs; a machine's ranks "
              f"talk over its loopback), preact ResNet [1,1,23,1] width 8, batch {args.batch}/rank, {args.local_steps} local steps, "
@@ -271,7 +271,7 @@ def topology_summary(results: dict, args, modes: list[str], pred: dict, total: f
     text = "\n".join(lines)
     print(text)
     if args.record:
-        atomic_write_text(args.record, "$ python " + " ".join(sys.argv) + "\n" + text + "\n")
+        write_record(args.record, text, host=host)
         plot(results, args, args.record.with_suffix(".png"), base="local_sgd@node", ours="resist@node")
         print(f"plot: {args.record.with_suffix('.png')}")
     return 0 if all(ok for _, ok in checks) else 1
@@ -318,6 +318,8 @@ def main() -> int:
                     help="allowed wire / accounted - 1: Ethernet, IP and TCP headers (66 B per <= 1448 B segment, "
                          "4.6 %%) and acknowledgements (about 2.3 %%) when a slow link keeps segments small")
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     args.rates = args.rates.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     other_seeds = [int(s) for s in args.other_seeds.split(",")]
@@ -381,7 +383,7 @@ def main() -> int:
                           f"rounds {e.get('round', '-')}  accounted {e.get('bytes', math.nan) / 2**20:7.1f} MiB  "
                           f"wire {e.get('wire_bytes', math.nan) / 2**20:7.1f} MiB", flush=True)
     if args.nproc_per_node > 1:
-        return topology_summary(results, args, modes, predicted(args, modes), time.monotonic() - t_all)
+        return topology_summary(results, args, modes, predicted(args, modes), time.monotonic() - t_all, host)
     pred = predicted(args, modes)
     network = "stock torchvision resnet18 (1-channel stem, every section partitioned)" if args.model == "resnet18" else \
         "preact ResNet [1,1,23,1] width 8"
@@ -453,11 +455,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "$ python " + " ".join(sys.argv)
-        tmp = args.record.with_suffix(".tmp")
-        tmp.write_text(f"{cmd}\n{text}\n")
-        tmp.replace(args.record)
+        write_record(args.record, text, host=host)
         plot(results, args, args.record.with_suffix(".png"))
         print(f"plot: {args.record.with_suffix('.png')}")
     return 0 if all(ok for _, ok in checks) else 1

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from resist_det.train.launch import launch, recipe_path
+from resist_det.record import host_line, write_record
 
 SETTINGS = {
     "fp32": {"bits": 32}, "8bit": {"bits": 8}, "7bit": {"bits": 7}, "6bit": {"bits": 6}, "5bit": {"bits": 5},
@@ -47,6 +48,8 @@ def main() -> int:
     ap.add_argument("--record", type=Path, default=None, help="also write the summary (with the command) to this file")
     ap.add_argument("--reuse-finished", action="store_true", help="take runs whose summary.json exists in --out")
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     settings = args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -98,10 +101,7 @@ def main() -> int:
     text = "\n".join(lines)
     print("\n" + text)
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.record.with_suffix(".tmp")
-        tmp.write_text("$ python " + " ".join(sys.argv) + "\n" + text + "\n")
-        tmp.replace(args.record)
+        write_record(args.record, text, host=host)
     return 0 if ok else 1
 
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from resist_det.record import host_line, write_record
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "deepspeed_example" / "cifar10_deepspeed.py"
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--resist", default=DEFAULT_SECTION, help="the added resist section (JSON)")
     ap.add_argument("--record", type=Path, default=None, help="also write the output to this file")
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     out: list[str] = []
 
     def say(line: str = "") -> None:
@@ -68,7 +71,6 @@ def main() -> int:
         derived.write_text(resist_version(original, json.dumps(json.loads(args.resist))))
         diff = [d for d in difflib.unified_diff(original.splitlines(), derived.read_text().splitlines(), lineterm="", n=0)
                 if d[:1] in "+-" and not d.startswith(("+++", "---"))]
-        say(f"$ python benchmarks/bench_deepspeed_example.py --images {args.images} --nproc {args.nproc} --resist '{args.resist}'")
         say(f"the ResIST version differs from {SCRIPT.relative_to(HERE.parent)} in {len(diff)} diff lines:")
         for d in diff:
             say("  " + d.strip()[:150])
@@ -92,7 +94,7 @@ def main() -> int:
     ok = all(g <= 2.0 for g in gaps) and len({r["steps"] for r in runs.values()}) == 1
     say(f"\naccuracy gap to DeepSpeed: {', '.join(f'{g:.2f}' for g in gaps)} points (target <= 2.0): {'PASS' if ok else 'FAIL'}")
     if args.record:
-        args.record.write_text("\n".join(out) + "\n")
+        write_record(args.record, out, host=host)
     return 0 if ok else 1
 
 

@@ -31,7 +31,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from resist_det.record import host_line, write_record
 
 PAPER_RATIO = {2: 0.454 / 0.662, 4: 0.720 / 1.325, 8: 1.289 / 2.649}  # Table 1: ResIST GB / local SGD GB
 TARGET_RATIO = {2: 0.52, 4: 0.46, 8: 0.48}
@@ -463,14 +463,11 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     global MODEL
     MODEL = a.model
-    command = "$ " + shlex.join(["python", os.path.relpath(__file__), *argv])
-    header = (f"python {platform.python_version()}, torch {torch.__version__}, "
-              f"{platform.machine()}, {os.cpu_count()} CPUs")
     ok = True
     for name in BENCHES if a.which == "all" else [a.which]:
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        lines = [command, f"{header}; load average at start {load} (other jobs share the machine)", f"== {name} =="]
-        print(*lines, sep="\n", flush=True)
+        host = host_line()
+        lines = [f"== {name} =="]
+        print(host, *lines, sep="\n", flush=True)
 
         def say(line: str, _lines: list[str] = lines) -> None:
             print(line, flush=True)
@@ -481,10 +478,9 @@ def main(argv: list[str]) -> int:
         say(f"{name}: {'PASS' if passed else 'FAIL'} in {time.perf_counter() - t:.0f} s")
         ok &= passed
         if a.record:
-            a.record.mkdir(parents=True, exist_ok=True)
             suffix = f"_{a.bits}bit" if name == "bytes" and a.bits != 32 else ""
             suffix += "" if MODEL == PAPER_MODEL else f"_{MODEL}"
-            (a.record / f"engine_{name}{suffix}.txt").write_text("\n".join(lines) + "\n")
+            write_record(a.record / f"engine_{name}{suffix}.txt", lines, host=host, argv=[os.path.relpath(__file__), *argv])
     return 0 if ok else 1
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from resist_det.train.launch import launch, recipe_path
+from resist_det.record import host_line
 
 
 def main() -> int:
@@ -34,6 +35,7 @@ def main() -> int:
     ap.add_argument("--reuse-finished", action="store_true",
                     help="take runs whose summary.json already exists in --out instead of training them again")
     args = ap.parse_args()
+    print(host_line(), flush=True)  # the machine the figures below come from
 
     rows = []
     t0 = time.time()

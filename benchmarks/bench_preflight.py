@@ -25,6 +25,7 @@ from resist_det.data.shapes import write_shapes_dataset
 from resist_det.data.voc import BadImagesError
 from resist_det.train.launch import recipe_path
 from resist_det.train.preflight import preflight
+from resist_det.record import host_line, write_record
 
 
 def damage(d: Path) -> list[str]:
@@ -49,6 +50,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--record", type=Path, default=None)
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         root = write_shapes_dataset(tmp, args.images, image_size=args.image_size, seed=0)
@@ -82,9 +85,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        tmp = args.record.with_suffix(".tmp")
-        tmp.write_text("$ python " + " ".join(sys.argv) + "\n" + text + "\n")
-        tmp.replace(args.record)
+        write_record(args.record, text, host=host)
     return 0
 
 

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from resist_det.record import host_line, write_record
 
 LAYERS, WIDTH, MIN_BLOCKS, SEED = [1, 1, 23, 1], 16, 5, 3
 
@@ -127,11 +128,12 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_topology_bytes")
     ap.add_argument("--record", type=Path, default=None)
     args = ap.parse_args()
+    host = host_line()  # the machine, before the run loads it
+    print(host, flush=True)
     if args.worker is not None:
         worker(args.worker, args.rounds)
         return 0
     from resist_det.cluster import ClusterError, check_privileges
-    from resist_det.io import atomic_write_text
 
     try:
         check_privileges()
@@ -149,7 +151,7 @@ def main() -> int:
                       *lines, *[f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks]])
     print(text)
     if args.record:
-        atomic_write_text(args.record, "$ python " + " ".join(sys.argv) + "\n" + text + "\n")
+        write_record(args.record, text, host=host)
     return 0 if all(ok for _, ok in checks) else 1
 
 

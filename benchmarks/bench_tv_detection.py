@@ -36,8 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from resist_det.host import host_line
-from resist_det.io import atomic_write_text
+from resist_det.record import host_line, write_record
 
 FILES = ("train.py", "engine.py", "utils.py", "coco_utils.py", "coco_eval.py", "presets.py", "transforms.py",
          "group_by_aspect_ratio.py")
@@ -139,6 +138,8 @@ def main() -> int:
     if missing:
         print(f"error: --vision: {ref} lacks {', '.join(missing)} (expected a checkout of pytorch/vision)", file=sys.stderr)
         return 1
+    host = host_line()
+    print(host, flush=True)
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "resist_det.cli", "data", "shapes", "--out", str(work / "shapes"), "--images",
@@ -161,7 +162,6 @@ def main() -> int:
              f"fasterrcnn_resnet50_fpn (no pretrained weights), shapes {args.images} images {args.size}px (COCO layout), "
              f"{args.nproc} gloo CPU ranks x {args.batch} images, {args.epochs} epochs, lr {args.lr}, lr steps {args.lr_steps}; "
              f"ResIST local_steps {args.local_steps}",
-             host_line(),
              f"patch for a CPU and the shared set-up ({cpu_lines} changed lines):", *cpu_diff,
              f"patch for ResIST beyond that ({resist_lines} changed lines):", *resist_diff,
              "run      COCO AP per epoch (the script's evaluate(), pycocotools)                    final AP  AP50   wall (s)"]
@@ -175,7 +175,7 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.record:
-        atomic_write_text(args.record, "$ python " + " ".join(sys.argv) + "\n" + text + "\n")
+        write_record(args.record, text, host=host)
     return 0 if all(ok for _, ok in checks) else 1
 
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from resist_det.eval.voc_ap import evaluate_detections
+from resist_det.record import host_line
 
 
 def make_problem(rng: np.random.Generator, images: int, dets: int, classes: int, gt_mean: float):
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--reference-images", type=int, default=5000, help="subset checked against the loop reference")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(host_line(), flush=True)  # the machine the figures below come from
 
     print(f"python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from resist_det.data.idx import write_quadrant_idx
+from resist_det.record import host_line, write_record
 
 ORPHAN_SECONDS = 10
 
@@ -205,8 +206,8 @@ def main() -> int:
     ap.add_argument("--record", type=Path)
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    lines = ["$ python " + " ".join(sys.argv), f"{os.cpu_count()} CPUs; load average at start "
-             + ", ".join(f"{x:.1f}" for x in os.getloadavg())]
+    host, lines = host_line(), []
+    print(host, flush=True)
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -221,7 +222,7 @@ def main() -> int:
         if not (args.tree or args.agent or args.rank):
             for what, ok in checks:
                 say(f"{'PASS' if ok else 'FAIL'}  {what}")
-            return _record(args, lines, checks)
+            return _record(args, lines, checks, host)
         write_quadrant_idx(tmp / "data", n_train=768, n_test=64)
         ref_path = tmp / "reference.json"
         ref_path.write_text(json.dumps(recipe(tmp / "data", tmp / "reference", args.epochs)))
@@ -253,15 +254,12 @@ def main() -> int:
                            and _lock_free(out)))
     for what, ok in checks:
         say(f"{'PASS' if ok else 'FAIL'}  {what}")
-    return _record(args, lines, checks)
+    return _record(args, lines, checks, host)
 
 
-def _record(args: argparse.Namespace, lines: list[str], checks: list[tuple[str, bool]]) -> int:
+def _record(args: argparse.Namespace, lines: list[str], checks: list[tuple[str, bool]], host: str) -> int:
     if args.record:
-        args.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp_record = args.record.with_suffix(".tmp")
-        tmp_record.write_text("\n".join(lines) + "\n")
-        tmp_record.replace(args.record)
+        write_record(args.record, lines, host=host)
     return 0 if all(ok for _, ok in checks) else 1
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from resist_det.record import host_line
 
 
 def time_step(net: torch.nn.Module, dtype: torch.dtype | None, steps: int = 20) -> float:
@@ -79,6 +80,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/gpu_check")
     args = ap.parse_args()
+    print(host_line(), flush=True)  # the machine the figures below come from
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
