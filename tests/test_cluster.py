@@ -190,9 +190,7 @@ def test_interrupt_removes_everything(tmp_path):
     proc = subprocess.Popen([*CLI, "cluster", str(script), "--nodes", "3", "--logs", str(tmp_path / "logs")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while len(_running(str(script))) < 1 + 3 * 2 and time.monotonic() < deadline:  # the tool, agent + worker per node
-        time.sleep(0.5)
+    wait_until(lambda: len(_running(str(script))) >= 1 + 3 * 2, timeout=120)  # the tool, agent + worker per node (or give up)
     assert _left(proc.pid) != []
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
