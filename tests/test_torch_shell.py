@@ -161,11 +161,13 @@ def _evaluate(model, gen):
 def _eval_through_the_model(rank, world):
     model, opt = _prepared({"local_steps": 2, "min_blocks": 2, "seed": 3})
     _loop(model, opt, 3, torch.Generator().manual_seed(rank))  # mid-round
-    model.eval()
-    _, through = _evaluate(model, torch.Generator().manual_seed(9))
+    with torch.inference_mode():  # as torchvision's detection reference evaluates
+        model.eval()
+        _, through = _evaluate(model, torch.Generator().manual_seed(9))
     model.train()
     whole = model.global_model(dst=0)
     sub_out = model.module(batch(torch.Generator().manual_seed(9), n=16)[0])
+    _loop(model, opt, 3, torch.Generator().manual_seed(rank))  # training (and a sync) go on after that evaluation
     if whole is None:
         return None
     whole.eval()

@@ -85,7 +85,10 @@ class ResISTCore:
         if training or not hasattr(self.strategy, "slots"):
             return None
         if whole is None:
-            whole = self.global_model(None)
+            # A caller's inference_mode (torchvision's evaluate()) would make every tensor assembled
+            # here, slots of this rank's sub-network included, unusable for training afterwards.
+            with torch.inference_mode(False):
+                whole = self.global_model(None)
             whole.eval()
         return whole
 
