@@ -31,10 +31,10 @@ def _loop(model, optimizer, steps, gen, scaler=None, inf_at=None):
         scaler.update()
 
 
-def _prepared(resist, seed=1, momentum=0.9, lr=0.05):
+def _prepared(resist, seed=1, momentum=0.9, lr=0.05, **net):
     import resist_det.torch
 
-    net = preact_net(seed=seed)
+    net = preact_net(seed=seed, **net)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     return resist_det.torch.prepare(net, opt, resist=resist)
 
@@ -159,7 +159,10 @@ def _evaluate(model, gen):
 
 
 def _eval_through_the_model(rank, world):
-    model, opt = _prepared({"local_steps": 2, "min_blocks": 2, "seed": 3})
+    # Two partitioned sections: a rank's share of each changes between rounds, so the sync that
+    # ends the round inside evaluate() gives empty slots new storage (not inference tensors).
+    model, opt = _prepared({"local_steps": 2, "min_blocks": 2, "seed": 3, "sections": ["layer2", "layer3"]},
+                           layers=[1, 4, 4, 1])
     _loop(model, opt, 3, torch.Generator().manual_seed(rank))  # mid-round
     with torch.inference_mode():  # as torchvision's detection reference evaluates
         model.eval()

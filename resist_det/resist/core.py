@@ -56,7 +56,8 @@ class ResISTCore:
             return 0
         return self.end_round()
 
-    @torch.no_grad()
+    @torch.inference_mode(False)  # a caller's (torchvision's evaluate()): slots given storage here must stay trainable
+    @torch.no_grad()  # inside: inference_mode(False) turns gradients back on
     def end_round(self) -> int:
         index, switch = self.schedule.rounds, self.schedule.switch_due
         start = time.perf_counter()
@@ -85,10 +86,7 @@ class ResISTCore:
         if training or not hasattr(self.strategy, "slots"):
             return None
         if whole is None:
-            # A caller's inference_mode (torchvision's evaluate()) would make every tensor assembled
-            # here, slots of this rank's sub-network included, unusable for training afterwards.
-            with torch.inference_mode(False):
-                whole = self.global_model(None)
+            whole = self.global_model(None)
             whole.eval()
         return whole
 
