@@ -31,10 +31,10 @@ def _loop(model, optimizer, steps, gen, scaler=None, inf_at=None):
         scaler.update()
 
 
-def _prepared(resist, seed=1, momentum=0.9, lr=0.05, **net):
+def _prepared(resist, seed=1, momentum=0.9, lr=0.05, **net_kwargs):
     import resist_det.torch
 
-    net = preact_net(seed=seed, **net)
+    net = preact_net(seed=seed, **net_kwargs)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
     return resist_det.torch.prepare(net, opt, resist=resist)
 
