@@ -153,16 +153,19 @@ def test_optimizer_state_by_kind_and_monitor(tmp_path):
 
     res = run_on_ranks(_state_at_sync, 2, tmp_path, str(tmp_path / "monitor"))
     for rank, r in enumerate(res):
-        assert r["sgd_auto"]["empty"] and r["adam_restart"]["empty"]  # SGD: the paper's momentum restart
-        # Adam with keep: moments kept for everything that stayed, fresh for blocks that arrived.
-        assert r["adam_keep"]["shared_with_state"]
-        assert all(has_state == (not changed) for changed, has_state in r["adam_keep"]["slots"])
+        assert r["adam_restart"]["empty"]  # the paper's momentum restart: everything cleared
+        # keep (SGD's auto, and Adam's when asked): state kept for everything that stayed, fresh for
+        # blocks that arrived.
+        for name in ("sgd_auto", "adam_keep"):
+            assert r[name]["shared_with_state"] and not r[name]["empty"]
+            assert all(has_state == (not changed) for changed, has_state in r[name]["slots"])
         # Adam with auto (= average): every parameter has moments, arrived blocks included, and the
         # shared layers' moments are the same on every rank.
         assert r["adam_auto"]["shared_with_state"] and all(has_state for _, has_state in r["adam_auto"]["slots"])
         assert all(torch.equal(a, b) for a, b in zip(r["adam_auto"]["shared_exp_avg"], res[0]["adam_auto"]["shared_exp_avg"]))
         assert r["adam_restart_warned"] == (rank == 0) and not r["adam_auto_warned"] and not r["sgd_auto_warned"]
-    assert any(changed for r in res for changed, _ in r["adam_keep"]["slots"])  # the check above saw an arrival
+    for name in ("sgd_auto", "adam_keep"):  # the checks above saw an arrival
+        assert any(changed for r in res for changed, _ in r[name]["slots"])
     assert len(res[0]["adam_auto"]["shared_exp_avg"]) > 0
     rows = list(csv.reader(open(tmp_path / "monitor" / "resist" / "ResIST_bytes_sent_round.csv")))
     assert rows[0] == ["step", "bytes_sent_round"] and len(rows) == 2 and int(rows[1][1]) > 0

@@ -52,7 +52,7 @@ class ResISTConfig(BaseModel):
     scale: Literal["inclusion", "inverse_s"] = Field("inclusion", description="residual scaling of the global network")
     momentum: Literal["auto", "restart", "keep", "average"] = Field(
         "auto", description="optimizer state at each round: restart (paper, for SGD momentum), keep (arriving blocks start "
-        "fresh), average (moments averaged and routed with the weights), or auto (restart for SGD, average for "
+        "fresh), average (moments averaged and routed with the weights), or auto (keep for SGD, average for "
         "Adam-family optimizers, whose moments a restart wipes)")
     bn: Literal["average", "local"] = Field("average", description="BN running statistics: averaged at sync, or kept local")
     bn_sync_rounds: int = Field(1, ge=1, description="average BN statistics every this many rounds (paper ImageNet: 1300)")
