@@ -49,7 +49,7 @@ def main() -> int:
             return 2
         s = json.loads((out / "summary.json").read_text())
         rows.append((mode, momentum, s["metrics"]["accuracy"], s["round"]))
-    optimizer = "Adam lr 1e-3" if args.optimizer == "adam" else "SGD lr 0.05 momentum 0.9 (the recipe's)"
+    optimizer = "Adam lr 1e-3" if args.optimizer == "adam" else "SGD lr 0.05 momentum 0.9 weight decay 5e-4 (the recipe's)"
     lines = [f"Fashion-MNIST, {optimizer}, {args.nproc} CPU ranks, {args.epochs} epochs, seed {args.seed}",
              f"{'mode':<10} {'momentum':<8} {'rounds':>6} {'test acc':>9}"]
     lines += [f"{m:<10} {mo:<8} {r:>6} {100 * a:>8.2f}%" for m, mo, a, r in rows]

@@ -80,7 +80,7 @@ def test_local_sgd_one_step_with_momentum_equals_ddp(tmp_path):
     # Averaged buffers and DDP's buffer of averaged gradients round differently (1.8e-6 after 4
     # steps at lr 0.1), so the tolerance is wider than above.
     tol = dict(rtol=1e-4, atol=1e-5)
-    for rule in ("average", "keep", "restart"):
+    for rule in ("average", "keep", "auto", "restart"):  # auto: keep, for SGD
         res = run_on_ranks(_local_sgd_vs_ddp, 2, tmp_path / rule, 0.9, rule)
         close = all(torch.allclose(ours[k], ddp[k], **tol) for ours, ddp in res for k in ddp)
         assert close == (rule != "restart"), rule
