@@ -5,11 +5,12 @@
         [--record benchmarks/results/adam_state.txt]
 
 The shipped ``fashion_mnist_resist.json`` recipe (2 CPU ranks, ``local_steps`` 50) with its SGD
-replaced by Adam (lr 1e-3), or with ``--optimizer sgd`` its own SGD (lr 0.05, momentum 0.9), run with ``resist.momentum`` = ``restart`` (moments cleared every
-round), ``keep`` (kept for the shared layers and the blocks that stay on a rank, fresh for
-blocks that arrive) and ``average`` (moments averaged and routed with the weights), and the
-same with mode ``local_sgd`` as the reference.  Prints the final test accuracy of each.  Needs the
-Fashion-MNIST IDX files (``apt-get install dataset-fashion-mnist``).
+replaced by Adam (lr 1e-3), or with ``--optimizer sgd`` its own SGD (lr 0.05, momentum 0.9), run
+with ``resist.momentum`` = ``restart`` (moments cleared every round), ``keep`` (kept for the
+shared layers and the blocks that stay on a rank, fresh for blocks that arrive) and ``average``
+(moments averaged and routed with the weights), and the same with mode ``local_sgd`` as the
+reference. Prints the final test accuracy of each. Needs the Fashion-MNIST IDX files (``apt-get
+install dataset-fashion-mnist``).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_single_worker_equals_plain_training(tmp_path):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _local_sgd_vs_ddp(rank, world, momentum, rule="average"):
+def _local_sgd_vs_ddp(rank, world, momentum, rule="auto"):
     from torch.nn.parallel import DistributedDataParallel
 
     model, opt = _prepared({"mode": "local_sgd", "local_steps": 1, "momentum": rule}, seed=2, momentum=momentum, lr=0.1)

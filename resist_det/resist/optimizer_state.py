@@ -6,15 +6,10 @@
 * ``average``: per-parameter moments (SGD's momentum buffer, Adam's ``exp_avg`` and
   ``exp_avg_sq``) are averaged and routed with the weights they belong to.
 * ``auto``: ``average`` for Adam-family optimizers (``betas``), ``keep`` for every other (SGD).
-  The paper restarts SGD momentum every round; measured here, a restart costs accuracy with SGD
-  as well (``benchmarks/results/sgd_state.txt``: Fashion-MNIST, 50 local steps, ResIST restart
-  86.49 %, keep 87.37 %, average 87.27 %; torchvision's detection reference at 10 local steps,
-  COCO AP restart 0.545, keep 0.635, average 0.645, DDP 0.693), and ``keep`` sends no extra
-  bytes where ``average`` also sends every weight's momentum buffer. With Adam a restart every
-  few steps wipes the moment estimates (``benchmarks/results/adam_state.txt``: Fashion-MNIST
-  ``average`` and ``keep`` tie at 86.55 / 86.46 %, restart 85.76 %), and on DeepSpeed's CIFAR
-  example with 5 local steps ``average`` reaches 71.25 % where ``keep`` reaches 65.60 % (data
-  parallel 70.55 %), so Adam's moments are averaged (about 3x the bytes of a round).
+  A restart costs accuracy with either, and with Adam ``keep`` falls well behind ``average``;
+  SGD's step is linear in its buffer, so there ``keep`` comes close to ``average`` (equal at one
+  local step) without sending the buffers.  Measured in ``benchmarks/results/sgd_state.txt``, ``adam_state.txt`` and
+  ``tv_detection_momentum_*.txt`` (the table in ``docs/guide.md``).
 """
 
 from __future__ import annotations
